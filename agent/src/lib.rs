@@ -1,0 +1,1 @@
+//! Octopus agent: arrives with the agent issue. Empty on purpose until then.

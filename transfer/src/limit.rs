@@ -1,0 +1,188 @@
+//! Token-bucket rate limits on upload and download, per node and per transfer.
+//!
+//! Built on governor, minding its pitfalls (see the design card): one cell is 1 KiB
+//! (with 1 cell = 1 byte, rates above 1e9/s are silently capped and rounding inflates
+//! rates); the quota is a period in nanoseconds computed from the byte rate, which for
+//! 1 KiB cells is exact for decimal rates such as 1 MB/s; the burst is set explicitly
+//! (50 ms of traffic, at least 64 KiB) and a caller never asks for more cells than the
+//! burst in one call: [`Limiter::acquire`] splits large requests. Sub-cell remainders
+//! are carried over, so many small chunks are charged exactly.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::DefaultClock;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+
+const CELL: u64 = 1024;
+
+type Bucket = RateLimiter<NotKeyed, InMemoryState, DefaultClock>;
+
+/// One token bucket, cheap to clone and share between tasks.
+#[derive(Clone)]
+pub struct Limiter {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    bucket: Bucket,
+    burst_cells: u32,
+    /// Bytes charged but not yet rounded up to a whole cell.
+    carry: AtomicU64,
+    rate: u64,
+}
+
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.inner {
+            Some(i) => write!(f, "Limiter({} B/s)", i.rate),
+            None => f.write_str("Limiter(unlimited)"),
+        }
+    }
+}
+
+impl Limiter {
+    pub fn unlimited() -> Limiter {
+        Limiter { inner: None }
+    }
+
+    /// A limit of `rate` bytes per second; `None` or 0 means unlimited.
+    pub fn new(rate: Option<u64>) -> Limiter {
+        let Some(rate) = rate.filter(|r| *r > 0) else {
+            return Limiter::unlimited();
+        };
+        let period_ns = ((CELL as u128 * 1_000_000_000) / rate as u128).max(1) as u64;
+        let burst_bytes = (rate / 20).max(64 * CELL);
+        let burst_cells = (burst_bytes / CELL).min(u32::MAX as u64) as u32;
+        let quota = Quota::with_period(Duration::from_nanos(period_ns))
+            .expect("period is non-zero")
+            .allow_burst(NonZeroU32::new(burst_cells).expect("burst is at least 64"));
+        Limiter {
+            inner: Some(Arc::new(Inner {
+                bucket: RateLimiter::direct(quota),
+                burst_cells,
+                carry: AtomicU64::new(0),
+                rate,
+            })),
+        }
+    }
+
+    pub fn rate(&self) -> Option<u64> {
+        self.inner.as_ref().map(|i| i.rate)
+    }
+
+    /// Wait until `bytes` may pass.
+    pub async fn acquire(&self, bytes: u64) {
+        let Some(inner) = &self.inner else { return };
+        let total = inner.carry.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let mut cells = total / CELL;
+        if cells == 0 {
+            return;
+        }
+        inner.carry.fetch_sub(cells * CELL, Ordering::Relaxed);
+        while cells > 0 {
+            let n = cells.min(inner.burst_cells as u64) as u32;
+            let n = NonZeroU32::new(n).expect("n > 0");
+            // Cannot fail: n never exceeds the burst.
+            let _ = inner.bucket.until_n_ready(n).await;
+            cells -= n.get() as u64;
+        }
+    }
+}
+
+/// Several limiters that all apply (for example, the node's and the transfer's).
+#[derive(Clone, Debug, Default)]
+pub struct LimitSet {
+    limiters: Vec<Limiter>,
+}
+
+impl LimitSet {
+    pub fn new(limiters: impl IntoIterator<Item = Limiter>) -> LimitSet {
+        LimitSet {
+            limiters: limiters.into_iter().filter(|l| l.inner.is_some()).collect(),
+        }
+    }
+    pub async fn acquire(&self, bytes: u64) {
+        for l in &self.limiters {
+            l.acquire(bytes).await;
+        }
+    }
+    pub fn is_unlimited(&self) -> bool {
+        self.limiters.is_empty()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid rate {0:?}: use a number with an optional unit, e.g. 500KB, 10MB, 100Mbit, 1GiB (bytes per second unless the unit ends in `bit`)")]
+pub struct RateError(pub String);
+
+/// Parse a rate. Units ending in `bit` (`kbit`, `Mbit`, `Gbit`) are **bits** per
+/// second; every other unit is **bytes** per second: `KB`/`MB`/`GB` are decimal
+/// (1000), `KiB`/`MiB`/`GiB` binary (1024), `K`/`M`/`G` are taken as binary bytes.
+/// A bare number is bytes per second. An optional `/s` or `ps` suffix is ignored.
+pub fn parse_rate(s: &str) -> Result<u64, RateError> {
+    let err = || RateError(s.to_string());
+    let t = s.trim();
+    let t = t
+        .strip_suffix("/s")
+        .or_else(|| t.strip_suffix("ps"))
+        .unwrap_or(t);
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().map_err(|_| err())?;
+    let mult: f64 = match unit.trim() {
+        "" | "B" | "b" => 1.0,
+        "K" | "k" | "KiB" | "kiB" => 1024.0,
+        "M" | "m" | "MiB" => 1024.0 * 1024.0,
+        "G" | "g" | "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "KB" | "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "bit" => 1.0 / 8.0,
+        "kbit" | "Kbit" => 1e3 / 8.0,
+        "Mbit" | "mbit" => 1e6 / 8.0,
+        "Gbit" | "gbit" => 1e9 / 8.0,
+        _ => return Err(err()),
+    };
+    let v = num * mult;
+    if !v.is_finite() || v < 1.0 || v > 1e13 {
+        return Err(err());
+    }
+    Ok(v.round() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse_bits_and_bytes() {
+        assert_eq!(parse_rate("1000").unwrap(), 1000);
+        assert_eq!(parse_rate("10MB").unwrap(), 10_000_000);
+        assert_eq!(parse_rate("100Mbit").unwrap(), 12_500_000);
+        assert_eq!(parse_rate("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_rate("512K").unwrap(), 512 * 1024);
+        assert_eq!(parse_rate("1.5MB/s").unwrap(), 1_500_000);
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("10 parsecs").is_err());
+        assert!(parse_rate("0").is_err());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn limiter_charges_small_chunks_exactly() {
+        // 1 MB/s, burst 64 KiB: after the burst, 200 KB must take about 0.2 s.
+        let l = Limiter::new(Some(1_000_000));
+        l.acquire(64 * 1024).await; // drain the burst
+        let t = std::time::Instant::now();
+        for _ in 0..2000 {
+            l.acquire(100).await;
+        }
+        let e = t.elapsed().as_secs_f64();
+        assert!((0.17..0.3).contains(&e), "elapsed {e}");
+    }
+}

@@ -1,0 +1,620 @@
+//! Piece storage: serving from memory maps, receiving into partial files, resuming,
+//! and the atomic rename into place.
+//!
+//! Why this shape:
+//! - Pieces are served from read-only `memmap2` mappings and handed to QUIC as
+//!   `Bytes` that borrow the mapping, so a seed copies nothing in user space.
+//! - A receiver writes each piece with `pwrite` at its offset in a staging file that
+//!   was `fallocate`d up front: a full disk is reported before the transfer starts,
+//!   and writes never grow memory, whatever the file size.
+//! - The staging area lives beside the destination (same filesystem, so `rename(2)`
+//!   is atomic) as `.octo-<content id>.partial/`, holding the manifest, the staging
+//!   files and `verified`, one byte per piece. A killed `octo get` finds it again and
+//!   fetches only what is not verified. Claimed pieces are re-hashed on resume, so a
+//!   crash between a write and its record cannot smuggle in bad bytes.
+//! - Nothing is visible at the destination until every file passed its whole-file
+//!   MD5; then each file is renamed into place with its mode already applied.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use md5::{Digest, Md5};
+use memmap2::Mmap;
+
+use crate::manifest::{hex, ContentId, EntryKind, Manifest, Md5Sum, PieceInfo};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "destination {0} does not exist or is not a directory (several roots need a directory)"
+    )]
+    NotADirectory(PathBuf),
+    #[error("parent directory of {0} does not exist")]
+    NoParent(PathBuf),
+    #[error("not enough disk space for {path}: need {need} bytes ({source}); partial state kept in {staging}")]
+    DiskFull {
+        path: PathBuf,
+        need: u64,
+        staging: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} failed its whole-file MD5: expected {expected}, got {actual}")]
+    FileMd5 {
+        path: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("staging area {0} holds a different content")]
+    StagingMismatch(PathBuf),
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| {
+        if source.raw_os_error() == Some(libc::ENOSPC)
+            || source.raw_os_error() == Some(libc::EDQUOT)
+        {
+            StoreError::DiskFull {
+                path: path.to_path_buf(),
+                need: 0,
+                staging: path.parent().unwrap_or(path).to_path_buf(),
+                source,
+            }
+        } else {
+            StoreError::Io {
+                op,
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
+}
+
+/// A piece's bytes borrowed from a shared mapping.
+struct MapSlice {
+    map: Arc<Mmap>,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for MapSlice {
+    fn as_ref(&self) -> &[u8] {
+        &self.map[self.start..self.end]
+    }
+}
+
+/// Files mapped lazily, once each.
+#[derive(Default)]
+struct Maps {
+    maps: Mutex<HashMap<usize, Arc<Mmap>>>,
+}
+
+impl Maps {
+    fn get(&self, entry: usize, path: &Path) -> Result<Arc<Mmap>, StoreError> {
+        let mut maps = self.maps.lock().unwrap();
+        if let Some(m) = maps.get(&entry) {
+            return Ok(m.clone());
+        }
+        let f = File::open(path).map_err(io_err("opening", path))?;
+        // SAFETY: the mapping is read-only. If another process truncates the file while
+        // mapped, reads could fault; files being shared are expected to stay put, as
+        // with any seeding BitTorrent client.
+        let m = Arc::new(unsafe { Mmap::map(&f) }.map_err(io_err("mapping", path))?);
+        maps.insert(entry, m.clone());
+        Ok(m)
+    }
+
+    fn slice(&self, entry: usize, path: &Path, p: &PieceInfo) -> Result<Bytes, StoreError> {
+        let map = self.get(entry, path)?;
+        let start = p.offset as usize;
+        let end = start + p.len as usize;
+        if end > map.len() {
+            return Err(StoreError::Io {
+                op: "reading",
+                path: path.to_path_buf(),
+                source: io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file is shorter than the manifest says",
+                ),
+            });
+        }
+        Ok(Bytes::from_owner(MapSlice { map, start, end }))
+    }
+}
+
+/// Serves a complete content from the files it was built from.
+pub struct SeedStore {
+    manifest: Arc<Manifest>,
+    pieces: Vec<PieceInfo>,
+    /// Source path of each entry (files only).
+    paths: Vec<Option<PathBuf>>,
+    maps: Maps,
+}
+
+impl std::fmt::Debug for SeedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeedStore")
+            .field("pieces", &self.pieces.len())
+            .finish()
+    }
+}
+
+impl SeedStore {
+    /// `roots` are the paths the manifest was built from, in the same order.
+    pub fn new(manifest: Arc<Manifest>, roots: &[PathBuf]) -> SeedStore {
+        let mut by_root = HashMap::new();
+        for r in roots {
+            let name = r
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_default();
+            by_root.insert(name, r.clone());
+        }
+        let paths = manifest
+            .entries
+            .iter()
+            .map(|e| {
+                let (root, rest) = e.path.split_once('/').unwrap_or((&e.path, ""));
+                let base = by_root.get(root)?;
+                Some(if rest.is_empty() {
+                    base.clone()
+                } else {
+                    base.join(rest)
+                })
+            })
+            .collect();
+        SeedStore {
+            pieces: manifest.pieces(),
+            manifest,
+            paths,
+            maps: Maps::default(),
+        }
+    }
+
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
+    pub fn read_piece(&self, piece: u32) -> Result<Bytes, StoreError> {
+        let p = self.pieces[piece as usize];
+        let path = self.paths[p.entry].as_ref().expect("files have paths");
+        self.maps.slice(p.entry, path, &p)
+    }
+}
+
+/// Where a content lands: the final path of each entry, resolved with cp semantics.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    /// Final path of every manifest entry.
+    pub finals: Vec<PathBuf>,
+    /// Directory holding the staging area (same filesystem as the finals).
+    pub staging: PathBuf,
+}
+
+impl Destination {
+    /// cp semantics: one root and `dest` an existing directory → `dest/<root>`; one
+    /// root otherwise → `dest` itself (its parent must exist); several roots →
+    /// `dest` must be an existing directory.
+    pub fn resolve(manifest: &Manifest, dest: &Path) -> Result<Destination, StoreError> {
+        let roots = manifest.roots();
+        let dest_is_dir = dest.is_dir();
+        let (base_dir, rename_single): (PathBuf, Option<PathBuf>) =
+            if roots.len() == 1 && !dest_is_dir {
+                let parent = match dest.parent() {
+                    Some(p) if p.as_os_str().is_empty() => PathBuf::from("."),
+                    Some(p) => p.to_path_buf(),
+                    None => return Err(StoreError::NoParent(dest.to_path_buf())),
+                };
+                if !parent.is_dir() {
+                    return Err(StoreError::NoParent(dest.to_path_buf()));
+                }
+                (parent, Some(dest.to_path_buf()))
+            } else if dest_is_dir {
+                (dest.to_path_buf(), None)
+            } else {
+                return Err(StoreError::NotADirectory(dest.to_path_buf()));
+            };
+        let finals = manifest
+            .entries
+            .iter()
+            .map(|e| {
+                let (root, rest) = e.path.split_once('/').unwrap_or((&e.path, ""));
+                let root_path = match &rename_single {
+                    Some(p) => p.clone(),
+                    None => base_dir.join(root),
+                };
+                if rest.is_empty() {
+                    root_path
+                } else {
+                    root_path.join(rest)
+                }
+            })
+            .collect();
+        Ok(Destination {
+            finals,
+            staging: base_dir.join(format!(".octo-{}.partial", hex(&manifest.content_id().0))),
+        })
+    }
+}
+
+/// Receives a content into a staging area and renames it into place at the end.
+pub struct PartialStore {
+    manifest: Arc<Manifest>,
+    pieces: Vec<PieceInfo>,
+    dest: Destination,
+    files: HashMap<usize, File>,
+    record: File,
+    verified: Mutex<Vec<bool>>,
+    maps: Maps,
+}
+
+impl std::fmt::Debug for PartialStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartialStore")
+            .field("staging", &self.dest.staging)
+            .finish()
+    }
+}
+
+impl PartialStore {
+    /// Open (or resume) the staging area for `manifest` at `dest`.
+    pub fn open(manifest: Arc<Manifest>, dest: Destination) -> Result<PartialStore, StoreError> {
+        let st = dest.staging.clone();
+        fs::create_dir_all(&st).map_err(io_err("creating", &st))?;
+        let mpath = st.join("manifest");
+        let encoded = manifest.encode();
+        match fs::read(&mpath) {
+            Ok(b) if b == encoded => {}
+            Ok(_) => return Err(StoreError::StagingMismatch(st)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                write_atomic(&mpath, &encoded)?;
+            }
+            Err(e) => return Err(io_err("reading", &mpath)(e)),
+        }
+        let pieces = manifest.pieces();
+        let mut files = HashMap::new();
+        for (i, size, _) in manifest.files() {
+            let p = st.join(format!("f{i}"));
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&p)
+                .map_err(io_err("creating", &p))?;
+            if size > 0 {
+                let cur = f.metadata().map_err(io_err("reading", &p))?.len();
+                if cur < size {
+                    // SAFETY: plain syscall on an owned, open descriptor.
+                    let rc = unsafe {
+                        libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, size as i64)
+                    };
+                    if rc == libc::ENOSPC || rc == libc::EDQUOT {
+                        return Err(StoreError::DiskFull {
+                            path: p,
+                            need: size,
+                            staging: st,
+                            source: io::Error::from_raw_os_error(rc),
+                        });
+                    } else if rc != 0 {
+                        // Filesystems without fallocate: fall back to a sparse file.
+                        f.set_len(size).map_err(io_err("sizing", &p))?;
+                    }
+                }
+            }
+            files.insert(i, f);
+        }
+        let rpath = st.join("verified");
+        let record = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&rpath)
+            .map_err(io_err("opening", &rpath))?;
+        let mut bytes = vec![0u8; pieces.len()];
+        let n = record.read_at(&mut bytes, 0).unwrap_or(0);
+        bytes.truncate(n);
+        bytes.resize(pieces.len(), 0);
+        let store = PartialStore {
+            verified: Mutex::new(vec![false; pieces.len()]),
+            manifest,
+            pieces,
+            dest,
+            files,
+            record,
+            maps: Maps::default(),
+        };
+        // Re-hash every piece the record claims; only those that still match count.
+        let claimed: Vec<u32> = (0..bytes.len() as u32)
+            .filter(|&i| bytes[i as usize] == 1)
+            .collect();
+        let good = store.verify_pieces(&claimed);
+        for (i, ok) in claimed.iter().zip(good) {
+            if ok {
+                store.verified.lock().unwrap()[*i as usize] = true;
+            } else {
+                let _ = store.record.write_at(&[0], *i as u64);
+            }
+        }
+        Ok(store)
+    }
+
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
+    pub fn staging(&self) -> &Path {
+        &self.dest.staging
+    }
+
+    pub fn piece(&self, piece: u32) -> PieceInfo {
+        self.pieces[piece as usize]
+    }
+
+    pub fn piece_count(&self) -> u32 {
+        self.pieces.len() as u32
+    }
+
+    /// Which pieces are verified on disk.
+    pub fn verified(&self) -> Vec<bool> {
+        self.verified.lock().unwrap().clone()
+    }
+
+    /// Write received bytes of `piece` at `offset` within the piece.
+    pub fn write(&self, piece: u32, offset: u32, data: &[u8]) -> Result<(), StoreError> {
+        let p = self.pieces[piece as usize];
+        let f = &self.files[&p.entry];
+        f.write_all_at(data, p.offset + offset as u64).map_err(|e| {
+            let path = self.dest.staging.join(format!("f{}", p.entry));
+            let mut err = io_err("writing", &path)(e);
+            if let StoreError::DiskFull { staging, need, .. } = &mut err {
+                *staging = self.dest.staging.clone();
+                *need = data.len() as u64;
+            }
+            err
+        })
+    }
+
+    /// Record a verified piece for resume.
+    pub fn mark_verified(&self, piece: u32) -> Result<(), StoreError> {
+        self.verified.lock().unwrap()[piece as usize] = true;
+        self.record
+            .write_all_at(&[1], piece as u64)
+            .map_err(io_err("recording", &self.dest.staging))
+    }
+
+    /// Bytes of a verified piece, for uploading to other peers.
+    pub fn read_piece(&self, piece: u32) -> Result<Bytes, StoreError> {
+        let p = self.pieces[piece as usize];
+        let path = self.dest.staging.join(format!("f{}", p.entry));
+        self.maps.slice(p.entry, &path, &p)
+    }
+
+    /// Hash pieces on disk on several threads; true where the MD5 matches.
+    fn verify_pieces(&self, pieces: &[u32]) -> Vec<bool> {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let chunk = pieces.len().div_ceil(threads).max(1);
+        let mut out = vec![false; pieces.len()];
+        std::thread::scope(|s| {
+            for (ids, res) in pieces.chunks(chunk).zip(out.chunks_mut(chunk)) {
+                s.spawn(move || {
+                    let mut buf = Vec::new();
+                    for (id, r) in ids.iter().zip(res.iter_mut()) {
+                        let p = self.pieces[*id as usize];
+                        buf.resize(p.len as usize, 0);
+                        if self.files[&p.entry]
+                            .read_exact_at(&mut buf, p.offset)
+                            .is_ok()
+                        {
+                            let h: Md5Sum = Md5::digest(&buf).into();
+                            *r = h == p.md5;
+                        }
+                    }
+                });
+            }
+        });
+        out
+    }
+
+    /// Check whole-file MD5s, then rename every entry into place. Call once every
+    /// piece is verified. On a failed check the file's pieces are un-recorded.
+    pub fn finalize(&self) -> Result<Vec<(PathBuf, Md5Sum)>, StoreError> {
+        let st = &self.dest.staging;
+        // Whole-file MD5 of files that were checked piece by piece (small files are
+        // their own single piece, already checked by their whole-file MD5).
+        let big: Vec<(usize, u64, Md5Sum)> = self
+            .manifest
+            .files()
+            .filter(|(_, size, _)| *size >= self.manifest.small_file_threshold)
+            .collect();
+        let results: Vec<Result<(), StoreError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = big
+                .iter()
+                .map(|(i, _, want)| {
+                    let path = st.join(format!("f{i}"));
+                    let entry_path = self.manifest.entries[*i].path.clone();
+                    s.spawn(move || {
+                        let got =
+                            crate::manifest::md5_file(&path).map_err(io_err("hashing", &path))?;
+                        if &got != want {
+                            return Err(StoreError::FileMd5 {
+                                path: entry_path,
+                                expected: hex(want),
+                                actual: hex(&got),
+                            });
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("hash thread"))
+                .collect()
+        });
+        for ((i, _, _), r) in big.iter().zip(results) {
+            if let Err(e) = r {
+                for (k, p) in self.pieces.iter().enumerate() {
+                    if p.entry == *i {
+                        self.verified.lock().unwrap()[k] = false;
+                        let _ = self.record.write_at(&[0], k as u64);
+                    }
+                }
+                return Err(e);
+            }
+        }
+        let mut out = Vec::new();
+        let mut dirs = Vec::new();
+        for (i, e) in self.manifest.entries.iter().enumerate() {
+            let fin = &self.dest.finals[i];
+            match &e.kind {
+                EntryKind::Dir => {
+                    fs::create_dir_all(fin).map_err(io_err("creating", fin))?;
+                    dirs.push((fin.clone(), e.mode));
+                }
+                EntryKind::File { md5, .. } => {
+                    let staged = st.join(format!("f{i}"));
+                    fs::set_permissions(&staged, fs::Permissions::from_mode(e.mode))
+                        .map_err(io_err("setting mode of", &staged))?;
+                    fs::rename(&staged, fin).map_err(io_err("renaming into", fin))?;
+                    out.push((fin.clone(), *md5));
+                }
+                EntryKind::Symlink { target } => {
+                    let staged = st.join(format!("l{i}"));
+                    let _ = fs::remove_file(&staged);
+                    std::os::unix::fs::symlink(target, &staged)
+                        .map_err(io_err("creating", &staged))?;
+                    fs::rename(&staged, fin).map_err(io_err("renaming into", fin))?;
+                }
+            }
+        }
+        // Directory modes last, deepest first, so a read-only directory does not block
+        // its own children.
+        for (d, mode) in dirs.iter().rev() {
+            fs::set_permissions(d, fs::Permissions::from_mode(*mode))
+                .map_err(io_err("setting mode of", d))?;
+        }
+        fs::remove_dir_all(st).map_err(io_err("removing", st))?;
+        Ok(out)
+    }
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, data).map_err(io_err("writing", &tmp))?;
+    fs::rename(&tmp, path).map_err(io_err("renaming", path))
+}
+
+/// Identify a staging directory's content from its name, for tooling.
+pub fn staging_content(dir: &Path) -> Option<ContentId> {
+    let name = dir.file_name()?.to_str()?;
+    let hexid = name.strip_prefix(".octo-")?.strip_suffix(".partial")?;
+    if hexid.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (k, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hexid[2 * k..2 * k + 2], 16).ok()?;
+    }
+    Some(ContentId(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::BuildOptions;
+
+    fn setup(len: usize) -> (tempfile::TempDir, PathBuf, Arc<Manifest>) {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src.bin");
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        fs::write(&src, data).unwrap();
+        fs::set_permissions(&src, fs::Permissions::from_mode(0o640)).unwrap();
+        let m = Manifest::build(
+            &[src.clone()],
+            &BuildOptions {
+                piece_size: Some(1 << 16),
+                small_file_threshold: 1 << 17,
+                threads: 2,
+            },
+        )
+        .unwrap();
+        (d, src, Arc::new(m))
+    }
+
+    #[test]
+    fn copy_resume_and_finalize() {
+        let (d, src, m) = setup(300_000);
+        let seed = SeedStore::new(m.clone(), &[src.clone()]);
+        let out = d.path().join("out");
+        fs::create_dir(&out).unwrap();
+        let dest = Destination::resolve(&m, &out).unwrap();
+        assert_eq!(dest.finals[0], out.join("src.bin"));
+        let n = m.pieces().len() as u32;
+        {
+            let st = PartialStore::open(m.clone(), dest.clone()).unwrap();
+            for i in 0..2 {
+                st.write(i, 0, &seed.read_piece(i).unwrap()).unwrap();
+                st.mark_verified(i).unwrap();
+            }
+            // A recorded piece whose bytes are wrong must not survive a resume.
+            st.write(2, 0, &vec![0u8; st.piece(2).len as usize])
+                .unwrap();
+            st.mark_verified(2).unwrap();
+        }
+        let st = PartialStore::open(m.clone(), dest.clone()).unwrap();
+        let v = st.verified();
+        assert_eq!(&v[..3], &[true, true, false]);
+        for i in 2..n {
+            st.write(i, 0, &seed.read_piece(i).unwrap()).unwrap();
+            st.mark_verified(i).unwrap();
+        }
+        assert_eq!(st.read_piece(1).unwrap(), seed.read_piece(1).unwrap());
+        let files = st.finalize().unwrap();
+        assert_eq!(fs::read(&files[0].0).unwrap(), fs::read(&src).unwrap());
+        assert_eq!(
+            fs::metadata(&files[0].0).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        assert!(!dest.staging.exists());
+    }
+
+    #[test]
+    fn whole_file_md5_mismatch_is_caught() {
+        let (d, _src, m) = setup(200_000);
+        let dest = Destination::resolve(&m, &d.path().join("copy")).unwrap();
+        assert_eq!(dest.finals[0], d.path().join("copy"));
+        let st = PartialStore::open(m.clone(), dest).unwrap();
+        for i in 0..st.piece_count() {
+            st.mark_verified(i).unwrap();
+        }
+        assert!(matches!(st.finalize(), Err(StoreError::FileMd5 { .. })));
+        assert!(st.verified().iter().all(|v| !v));
+    }
+
+    #[test]
+    fn cp_semantics_errors() {
+        let (d, _src, m) = setup(10);
+        assert!(matches!(
+            Destination::resolve(&m, &d.path().join("no/such/dir/x")),
+            Err(StoreError::NoParent(_))
+        ));
+    }
+}
