@@ -182,6 +182,19 @@ async fn interrupted() {
     }
 }
 
+/// `OCTO_FAULT` injects deliberate misbehaviour for the end-to-end tests (for example
+/// `corrupt-uploads`); it is not a user-facing option.
+fn fault_from_env() -> Result<Option<node::Fault>> {
+    match std::env::var("OCTO_FAULT") {
+        Ok(s) => Ok(Some(
+            s.parse()
+                .map_err(anyhow::Error::msg)
+                .context("reading OCTO_FAULT")?,
+        )),
+        Err(_) => Ok(None),
+    }
+}
+
 async fn share(
     listen: SocketAddr,
     limit_up: Option<u64>,
@@ -195,6 +208,7 @@ async fn share(
     let cfg = NodeConfig {
         listen,
         limit_up,
+        fault: fault_from_env()?,
         ..Default::default()
     };
     let opts = BuildOptions {
@@ -222,7 +236,16 @@ async fn share(
     }
     std::io::stdout().flush().ok();
     interrupted().await;
+    let p = h.progress().borrow().clone();
     h.shutdown().await;
+    if json {
+        println!(
+            "{}",
+            json!({"event": "stopped", "sent_bytes": p.sent_bytes, "peers": p.peers})
+        );
+    } else {
+        eprintln!("stopped after uploading {} bytes", p.sent_bytes);
+    }
     Ok(())
 }
 
@@ -240,6 +263,7 @@ async fn get(
         listen,
         limit_up,
         limit_down,
+        fault: fault_from_env()?,
         ..Default::default()
     };
     let started = Instant::now();
@@ -270,10 +294,12 @@ async fn get(
             .iter()
             .map(|(p, m)| json!({"path": p.display().to_string(), "md5": hex(m)}))
             .collect();
+        let p = h.progress().borrow().clone();
         println!(
             "{}",
             json!({"event": "done", "bytes": out.received_bytes, "total_bytes": h.manifest().total_size(),
-                   "elapsed_ms": elapsed.as_millis() as u64, "files": files})
+                   "resumed_bytes": p.resumed_bytes, "corrupt_pieces": p.corrupt_pieces,
+                   "banned_peers": p.banned_peers, "elapsed_ms": elapsed.as_millis() as u64, "files": files})
         );
     } else {
         for (p, m) in &out.files {

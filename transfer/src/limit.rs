@@ -13,13 +13,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use governor::clock::DefaultClock;
+use governor::clock::{Clock, MonotonicClock};
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
 const CELL: u64 = 1024;
 
-type Bucket = RateLimiter<NotKeyed, InMemoryState, DefaultClock>;
+type Bucket = RateLimiter<NotKeyed, InMemoryState, MonotonicClock>;
 
 /// One token bucket, cheap to clone and share between tasks.
 #[derive(Clone)]
@@ -29,6 +29,7 @@ pub struct Limiter {
 
 struct Inner {
     bucket: Bucket,
+    clock: MonotonicClock,
     burst_cells: u32,
     /// Bytes charged but not yet rounded up to a whole cell.
     carry: AtomicU64,
@@ -60,9 +61,11 @@ impl Limiter {
         let quota = Quota::with_period(Duration::from_nanos(period_ns))
             .expect("period is non-zero")
             .allow_burst(NonZeroU32::new(burst_cells).expect("burst is at least 64"));
+        let clock = MonotonicClock;
         Limiter {
             inner: Some(Arc::new(Inner {
-                bucket: RateLimiter::direct(quota),
+                bucket: RateLimiter::direct_with_clock(quota, clock.clone()),
+                clock,
                 burst_cells,
                 carry: AtomicU64::new(0),
                 rate,
@@ -86,8 +89,18 @@ impl Limiter {
         while cells > 0 {
             let n = cells.min(inner.burst_cells as u64) as u32;
             let n = NonZeroU32::new(n).expect("n > 0");
-            // Cannot fail: n never exceeds the burst.
-            let _ = inner.bucket.until_n_ready(n).await;
+            // Waiting is done with tokio's timer rather than governor's
+            // `until_n_ready`, whose futures-timer thread stalled piece streams here.
+            loop {
+                match inner.bucket.check_n(n) {
+                    Ok(Ok(())) => break,
+                    Ok(Err(not_until)) => {
+                        tokio::time::sleep(not_until.wait_time_from(inner.clock.now())).await;
+                    }
+                    // Cannot happen: n never exceeds the burst.
+                    Err(_) => break,
+                }
+            }
             cells -= n.get() as u64;
         }
     }

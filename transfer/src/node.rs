@@ -74,6 +74,25 @@ pub struct NodeConfig {
     /// Most connections a getter opens to other peers.
     pub max_peers: usize,
     pub identity: Option<Identity>,
+    /// Fault injection for tests of the real binary; never set in production.
+    pub fault: Option<Fault>,
+}
+
+/// Deliberate misbehaviour, so tests can run a bad peer as a real process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Flip a byte in every piece this node uploads.
+    CorruptUploads,
+}
+
+impl std::str::FromStr for Fault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "corrupt-uploads" => Ok(Fault::CorruptUploads),
+            _ => Err(format!("unknown fault {s:?}")),
+        }
+    }
 }
 
 impl Default for NodeConfig {
@@ -88,6 +107,7 @@ impl Default for NodeConfig {
             announce_interval: Duration::from_secs(2),
             max_peers: 32,
             identity: None,
+            fault: None,
         }
     }
 }
@@ -105,6 +125,8 @@ pub struct Progress {
     pub complete: bool,
     pub corrupt_pieces: u64,
     pub banned_peers: usize,
+    /// Bytes already verified on disk when this run started (resume).
+    pub resumed_bytes: u64,
 }
 
 /// What a finished `get` produced.
@@ -400,6 +422,7 @@ struct Shared {
     sent: AtomicU64,
     banned: Mutex<HashSet<Fingerprint>>,
     encoded_manifest: Arc<Vec<u8>>,
+    fault: Option<Fault>,
 }
 
 struct Driver {
@@ -480,6 +503,7 @@ fn start(
         sent: AtomicU64::new(0),
         banned: Mutex::new(HashSet::new()),
         encoded_manifest: Arc::new(manifest.encode()),
+        fault: cfg.fault,
     });
     let local_addr = endpoint.local_addr().map_err(|source| NetError::Bind {
         addr: cfg.listen,
@@ -492,6 +516,7 @@ fn start(
     let (ptx, prx) = watch::channel(Progress {
         total_bytes: total,
         have_bytes,
+        resumed_bytes: have_bytes,
         complete: complete_at_start,
         ..Default::default()
     });
@@ -1005,6 +1030,7 @@ impl Driver {
 
     fn drain(&mut self) {
         while let Some(t) = self.swarm.poll_transmit() {
+            tracing::trace!(?t, "transmit");
             match t {
                 Transmit::Control { peer, msg } => self.send(peer, Frame::Swarm(msg)),
                 Transmit::Upload { peer, piece } => self.start_upload(peer, piece),
@@ -1126,7 +1152,17 @@ impl Driver {
     }
 }
 
-async fn send_piece(conn: &Connection, sh: &Shared, piece: u32, data: Bytes) -> Result<(), String> {
+async fn send_piece(
+    conn: &Connection,
+    sh: &Shared,
+    piece: u32,
+    mut data: Bytes,
+) -> Result<(), String> {
+    if sh.fault == Some(Fault::CorruptUploads) && !data.is_empty() {
+        let mut v = data.to_vec();
+        v[0] ^= 0xff;
+        data = Bytes::from(v);
+    }
     let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
     let h = PieceHeader {
         content: sh.content,
@@ -1213,12 +1249,14 @@ async fn receive_piece(
         let mut got: u32 = 0;
         while got < info.len {
             let want = ((info.len - got) as usize).min(CHUNK);
-            sh.down.acquire(want as u64).await;
             let chunk = match s.read_chunk(want, true).await {
                 Ok(Some(c)) => c.bytes,
                 Ok(None) => return DataOutcome::Failed("stream ended early".into()),
                 Err(e) => return DataOutcome::Failed(e.to_string()),
             };
+            // Charge what actually arrived (a chunk is often a single packet); QUIC flow
+            // control turns the wait into backpressure on the sender.
+            sh.down.acquire(chunk.len() as u64).await;
             hasher.update(&chunk);
             let store = match &sh.store {
                 Store::Partial(p) => p,

@@ -26,7 +26,7 @@ use bytes::Bytes;
 use md5::{Digest, Md5};
 use memmap2::Mmap;
 
-use crate::manifest::{hex, ContentId, EntryKind, Manifest, Md5Sum, PieceInfo};
+use crate::manifest::{hex, EntryKind, Manifest, Md5Sum, PieceInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -227,7 +227,7 @@ impl Destination {
             } else {
                 return Err(StoreError::NotADirectory(dest.to_path_buf()));
             };
-        let finals = manifest
+        let finals: Vec<PathBuf> = manifest
             .entries
             .iter()
             .map(|e| {
@@ -243,9 +243,17 @@ impl Destination {
                 }
             })
             .collect();
+        // Named after the content *and* where it lands, so two gets of the same content
+        // into one directory under different names never share a staging area.
+        let mut key = Md5::new();
+        key.update(manifest.content_id().0);
+        for f in finals.iter().take(1) {
+            key.update(f.as_os_str().as_encoded_bytes());
+        }
+        let key: Md5Sum = key.finalize().into();
         Ok(Destination {
             finals,
-            staging: base_dir.join(format!(".octo-{}.partial", hex(&manifest.content_id().0))),
+            staging: base_dir.join(format!(".octo-{}.partial", &hex(&key)[..20])),
         })
     }
 }
@@ -259,6 +267,8 @@ pub struct PartialStore {
     record: File,
     verified: Mutex<Vec<bool>>,
     maps: Maps,
+    /// Set once every file has been renamed into place: reads then use the finals.
+    finalized: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for PartialStore {
@@ -338,6 +348,7 @@ impl PartialStore {
             files,
             record,
             maps: Maps::default(),
+            finalized: std::sync::atomic::AtomicBool::new(false),
         };
         // Re-hash every piece the record claims; only those that still match count.
         let claimed: Vec<u32> = (0..bytes.len() as u32)
@@ -401,7 +412,11 @@ impl PartialStore {
     /// Bytes of a verified piece, for uploading to other peers.
     pub fn read_piece(&self, piece: u32) -> Result<Bytes, StoreError> {
         let p = self.pieces[piece as usize];
-        let path = self.dest.staging.join(format!("f{}", p.entry));
+        let path = if self.finalized.load(std::sync::atomic::Ordering::Acquire) {
+            self.dest.finals[p.entry].clone()
+        } else {
+            self.dest.staging.join(format!("f{}", p.entry))
+        };
         self.maps.slice(p.entry, &path, &p)
     }
 
@@ -482,6 +497,15 @@ impl PartialStore {
         }
         let mut out = Vec::new();
         let mut dirs = Vec::new();
+        // Map every file before renaming: a mapping follows the inode, so uploads to
+        // other peers keep working, and nothing is ever read from the staging path again.
+        for (i, size, _) in self.manifest.files() {
+            if size > 0 {
+                self.maps.get(i, &st.join(format!("f{i}")))?;
+            }
+        }
+        self.finalized
+            .store(true, std::sync::atomic::Ordering::Release);
         for (i, e) in self.manifest.entries.iter().enumerate() {
             let fin = &self.dest.finals[i];
             match &e.kind {
@@ -520,20 +544,6 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, data).map_err(io_err("writing", &tmp))?;
     fs::rename(&tmp, path).map_err(io_err("renaming", path))
-}
-
-/// Identify a staging directory's content from its name, for tooling.
-pub fn staging_content(dir: &Path) -> Option<ContentId> {
-    let name = dir.file_name()?.to_str()?;
-    let hexid = name.strip_prefix(".octo-")?.strip_suffix(".partial")?;
-    if hexid.len() != 32 {
-        return None;
-    }
-    let mut id = [0u8; 16];
-    for (k, b) in id.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hexid[2 * k..2 * k + 2], 16).ok()?;
-    }
-    Some(ContentId(id))
 }
 
 #[cfg(test)]

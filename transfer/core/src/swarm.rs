@@ -76,6 +76,8 @@ struct Peer {
     avoid: BTreeSet<PieceIndex>,
     /// How many requests we may have outstanding to them (AIMD on timeouts).
     window: usize,
+    /// Pieces we refused them once because we were busy and someone else holds them.
+    turned_away: BTreeSet<PieceIndex>,
 }
 
 impl Peer {
@@ -160,6 +162,7 @@ impl Swarm {
                 queued: VecDeque::new(),
                 avoid: BTreeSet::new(),
                 window: self.config.max_requests_per_peer.max(1),
+                turned_away: BTreeSet::new(),
             },
         );
         let msg = PeerMsg::Bitfield(self.pieces.have().clone());
@@ -505,6 +508,13 @@ impl Swarm {
         }
         if self.uploads.len() < self.config.upload_slots {
             self.start_upload(peer, piece);
+        } else if self.elsewhere(piece) && !p.turned_away.contains(&piece) {
+            // Busy, and another peer holds it: send the requester there rather than
+            // let its request sit in our queue while that peer's uplink idles. Only
+            // once per piece: if it comes back, everyone else was busy too; queue it.
+            self.peer_mut(peer).turned_away.insert(piece);
+            let msg = PeerMsg::Reject(piece);
+            self.transmits.push_back(Transmit::Control { peer, msg });
         } else if p.queued.len() >= self.config.max_queued_requests_per_peer {
             let msg = PeerMsg::Reject(piece);
             self.transmits.push_back(Transmit::Control { peer, msg });
@@ -537,6 +547,13 @@ impl Swarm {
         }
     }
 
+    /// Whether a requester of `piece` could get it without us: another peer holds it,
+    /// or we are sending it to someone right now (who will soon hold it).
+    fn elsewhere(&self, piece: PieceIndex) -> bool {
+        self.pieces.availability(piece) > 0
+            || self.uploads.iter().any(|u| u.piece == piece && !u.aborted)
+    }
+
     fn start_upload(&mut self, peer: PeerId, piece: PieceIndex) {
         self.uploads.push(Upload {
             peer,
@@ -556,8 +573,16 @@ impl Swarm {
                 .queued
                 .pop_front()
                 .expect("peers in rotation have queued requests");
+            let bounce = !p.turned_away.remove(&piece);
             if !p.queued.is_empty() {
                 self.upload_rr.push_back(peer);
+            }
+            if bounce && self.elsewhere(piece) {
+                // It became available elsewhere while queued: same as on arrival.
+                self.peer_mut(peer).turned_away.insert(piece);
+                let msg = PeerMsg::Reject(piece);
+                self.transmits.push_back(Transmit::Control { peer, msg });
+                continue;
             }
             self.start_upload(peer, piece);
         }
