@@ -565,7 +565,10 @@ fn bench_in(args: &Args, octo: &Path, dir: &Path, stop: &AtomicBool) -> Result<b
                 // The sharer must outlive the run: without it the result means nothing.
                 let status = procs.0[0].child.wait().map(|s| s.to_string());
                 let status = status.unwrap_or_else(|e| e.to_string());
-                sharer_exit = Some(format!("{status}, {:.1}s after launch", t0.elapsed().as_secs_f64()));
+                sharer_exit = Some(format!(
+                    "{status}, {:.1}s after launch",
+                    t0.elapsed().as_secs_f64()
+                ));
                 break;
             }
             Ok(Line::Eof(h)) => {

@@ -254,6 +254,8 @@ pub async fn get(cfg: NodeConfig, ticket: Ticket, dest: PathBuf) -> Result<NodeH
     let store = tokio::task::spawn_blocking(move || PartialStore::open(m2, dest))
         .await
         .expect("store thread panicked")?;
+    let store = Arc::new(store);
+    store.start_whole_file_hasher();
     let resumed = store.verified().iter().filter(|v| **v).count();
     if resumed > 0 {
         info!(
@@ -279,7 +281,7 @@ pub async fn get(cfg: NodeConfig, ticket: Ticket, dest: PathBuf) -> Result<NodeH
         identity,
         endpoint,
         manifest,
-        Store::Partial(Arc::new(store)),
+        Store::Partial(store),
         my_ticket,
         Some(ticket.fingerprint()),
         Some(first),
@@ -708,6 +710,9 @@ impl Driver {
         }
         if let Some(done) = self.done.take() {
             let _ = done.send(Err(NodeError::Stopped.to_string()));
+        }
+        if let Store::Partial(p) = &self.sh.store {
+            p.stop_hasher();
         }
     }
 

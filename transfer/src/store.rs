@@ -20,7 +20,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use bytes::Bytes;
 use md5::{Digest, Md5};
@@ -269,6 +269,14 @@ pub struct PartialStore {
     maps: Maps,
     /// Set once every file has been renamed into place: reads then use the finals.
     finalized: std::sync::atomic::AtomicBool,
+    /// Woken whenever a piece is verified, for the in-order whole-file hasher.
+    verified_cv: Condvar,
+    /// Whole-file MD5s computed in order while the download runs, by entry.
+    whole: Mutex<HashMap<usize, Md5Sum>>,
+    whole_cv: Condvar,
+    stop: std::sync::atomic::AtomicBool,
+    hasher_started: std::sync::atomic::AtomicBool,
+    hasher_done: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for PartialStore {
@@ -349,6 +357,12 @@ impl PartialStore {
             record,
             maps: Maps::default(),
             finalized: std::sync::atomic::AtomicBool::new(false),
+            verified_cv: Condvar::new(),
+            whole: Mutex::new(HashMap::new()),
+            whole_cv: Condvar::new(),
+            stop: std::sync::atomic::AtomicBool::new(false),
+            hasher_started: std::sync::atomic::AtomicBool::new(false),
+            hasher_done: std::sync::atomic::AtomicBool::new(false),
         };
         // Re-hash every piece the record claims; only those that still match count.
         let claimed: Vec<u32> = (0..bytes.len() as u32)
@@ -404,6 +418,7 @@ impl PartialStore {
     /// Record a verified piece for resume.
     pub fn mark_verified(&self, piece: u32) -> Result<(), StoreError> {
         self.verified.lock().unwrap()[piece as usize] = true;
+        self.verified_cv.notify_all();
         self.record
             .write_all_at(&[1], piece as u64)
             .map_err(io_err("recording", &self.dest.staging))
@@ -418,6 +433,98 @@ impl PartialStore {
             self.dest.staging.join(format!("f{}", p.entry))
         };
         self.maps.slice(p.entry, &path, &p)
+    }
+
+    /// Start the in-order whole-file hasher: a thread that follows the verified pieces
+    /// of each large file from its start and feeds them to one MD5, so the whole-file
+    /// check costs nothing at the end on a multi-core machine (MD5 is serial per
+    /// stream; this overlaps it with the download instead of adding it afterwards).
+    pub fn start_whole_file_hasher(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering::Release;
+        let me = self.clone();
+        self.hasher_started.store(true, Release);
+        std::thread::Builder::new()
+            .name("octo-md5".into())
+            .spawn(move || {
+                me.hash_in_order();
+                me.hasher_done.store(true, Release);
+                me.whole_cv.notify_all();
+            })
+            .expect("spawning the hasher thread");
+    }
+
+    /// Stop the hasher thread (on shutdown); `finalize` then hashes what is missing.
+    pub fn stop_hasher(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.verified_cv.notify_all();
+    }
+
+    fn hash_in_order(&self) {
+        let threshold = self.manifest.small_file_threshold;
+        let mut buf = Vec::new();
+        let mut k = 0usize;
+        for (entry, size, _) in self.manifest.files() {
+            if size == 0 {
+                continue;
+            }
+            // Pieces of this entry are contiguous in the piece table.
+            while k < self.pieces.len() && self.pieces[k].entry != entry {
+                k += 1;
+            }
+            if size < threshold {
+                k += 1;
+                continue;
+            }
+            let mut h = Md5::new();
+            while k < self.pieces.len() && self.pieces[k].entry == entry {
+                {
+                    let mut v = self.verified.lock().unwrap();
+                    while !v[k] {
+                        if self.stop.load(std::sync::atomic::Ordering::Acquire) {
+                            return;
+                        }
+                        v = self.verified_cv.wait(v).unwrap();
+                    }
+                }
+                let p = self.pieces[k];
+                buf.resize(p.len as usize, 0);
+                if self.files[&entry]
+                    .read_exact_at(&mut buf, p.offset)
+                    .is_err()
+                {
+                    return; // finalize will hash this file itself and report the error
+                }
+                h.update(&buf);
+                k += 1;
+            }
+            self.whole
+                .lock()
+                .unwrap()
+                .insert(entry, h.finalize().into());
+            self.whole_cv.notify_all();
+        }
+    }
+
+    /// The in-order hasher's result for `entry`, waiting for it if the hasher runs.
+    fn whole_md5(&self, entry: usize) -> Option<Md5Sum> {
+        use std::sync::atomic::Ordering::Acquire;
+        if !self.hasher_started.load(Acquire) {
+            return None;
+        }
+        let mut w = self.whole.lock().unwrap();
+        loop {
+            if let Some(h) = w.get(&entry) {
+                return Some(*h);
+            }
+            if self.hasher_done.load(Acquire) || self.stop.load(Acquire) {
+                return None;
+            }
+            w = self
+                .whole_cv
+                .wait_timeout(w, std::time::Duration::from_millis(100))
+                .unwrap()
+                .0;
+        }
     }
 
     /// Hash pieces on disk on several threads; true where the MD5 matches.
@@ -466,8 +573,11 @@ impl PartialStore {
                     let path = st.join(format!("f{i}"));
                     let entry_path = self.manifest.entries[*i].path.clone();
                     s.spawn(move || {
-                        let got =
-                            crate::manifest::md5_file(&path).map_err(io_err("hashing", &path))?;
+                        let got = match self.whole_md5(*i) {
+                            Some(h) => h,
+                            None => crate::manifest::md5_file(&path)
+                                .map_err(io_err("hashing", &path))?,
+                        };
                         if &got != want {
                             return Err(StoreError::FileMd5 {
                                 path: entry_path,
@@ -617,6 +727,33 @@ mod tests {
         }
         assert!(matches!(st.finalize(), Err(StoreError::FileMd5 { .. })));
         assert!(st.verified().iter().all(|v| !v));
+    }
+
+    #[test]
+    fn in_order_hasher_gives_the_same_verdicts() {
+        let (d, src, m) = setup(300_000);
+        let seed = SeedStore::new(m.clone(), &[src.clone()]);
+        let dest = Destination::resolve(&m, &d.path().join("good")).unwrap();
+        let st = Arc::new(PartialStore::open(m.clone(), dest).unwrap());
+        st.start_whole_file_hasher();
+        // Out of order on purpose: the hasher must wait for piece 0.
+        for i in (0..st.piece_count()).rev() {
+            st.write(i, 0, &seed.read_piece(i).unwrap()).unwrap();
+            st.mark_verified(i).unwrap();
+        }
+        st.finalize().unwrap();
+        assert_eq!(
+            fs::read(d.path().join("good")).unwrap(),
+            fs::read(&src).unwrap()
+        );
+
+        let dest = Destination::resolve(&m, &d.path().join("bad")).unwrap();
+        let st = Arc::new(PartialStore::open(m.clone(), dest).unwrap());
+        st.start_whole_file_hasher();
+        for i in 0..st.piece_count() {
+            st.mark_verified(i).unwrap(); // bytes never written: zeros
+        }
+        assert!(matches!(st.finalize(), Err(StoreError::FileMd5 { .. })));
     }
 
     #[test]
