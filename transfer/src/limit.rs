@@ -163,7 +163,7 @@ pub fn parse_rate(s: &str) -> Result<u64, RateError> {
         _ => return Err(err()),
     };
     let v = num * mult;
-    if !v.is_finite() || v < 1.0 || v > 1e13 {
+    if !v.is_finite() || !(1.0..=1e13).contains(&v) {
         return Err(err());
     }
     Ok(v.round() as u64)

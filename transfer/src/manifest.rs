@@ -559,7 +559,7 @@ fn hash_all(
             }
         }
     }
-    jobs.sort_by(|a, b| b.0.cmp(&a.0));
+    jobs.sort_by_key(|j| std::cmp::Reverse(j.0));
     let threads = if threads == 0 {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -700,7 +700,7 @@ mod tests {
         std::os::unix::fs::symlink("sub/big", root.join("link")).unwrap();
         fs::set_permissions(root.join("small"), fs::Permissions::from_mode(0o750)).unwrap();
         let m = Manifest::build(
-            &[root.clone()],
+            std::slice::from_ref(&root),
             &BuildOptions {
                 piece_size: Some(1 << 20),
                 ..Default::default()

@@ -58,9 +58,17 @@ pub const RECEIVE_WINDOW: u32 = 8 << 20;
 pub const SEND_WINDOW: u64 = 8 << 20;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(8);
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// Largest UDP payload path MTU discovery may try.
+pub const MTU_UPPER_BOUND: u16 = 65_000;
 
 fn transport() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
+    // Let path MTU discovery go past Ethernet sizes: on loopback (and jumbo-frame
+    // LANs) per-packet cost, not bandwidth, is the limit, and quinn stops at 1452 by
+    // default. Over a 1500-byte path, discovery simply settles lower.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MTU_UPPER_BOUND);
+    t.mtu_discovery_config(Some(mtu));
     t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(RECEIVE_WINDOW))
         .send_window(SEND_WINDOW)

@@ -668,7 +668,7 @@ mod tests {
         fs::write(&src, data).unwrap();
         fs::set_permissions(&src, fs::Permissions::from_mode(0o640)).unwrap();
         let m = Manifest::build(
-            &[src.clone()],
+            std::slice::from_ref(&src),
             &BuildOptions {
                 piece_size: Some(1 << 16),
                 small_file_threshold: 1 << 17,
@@ -682,7 +682,7 @@ mod tests {
     #[test]
     fn copy_resume_and_finalize() {
         let (d, src, m) = setup(300_000);
-        let seed = SeedStore::new(m.clone(), &[src.clone()]);
+        let seed = SeedStore::new(m.clone(), std::slice::from_ref(&src));
         let out = d.path().join("out");
         fs::create_dir(&out).unwrap();
         let dest = Destination::resolve(&m, &out).unwrap();
@@ -732,7 +732,7 @@ mod tests {
     #[test]
     fn in_order_hasher_gives_the_same_verdicts() {
         let (d, src, m) = setup(300_000);
-        let seed = SeedStore::new(m.clone(), &[src.clone()]);
+        let seed = SeedStore::new(m.clone(), std::slice::from_ref(&src));
         let dest = Destination::resolve(&m, &d.path().join("good")).unwrap();
         let st = Arc::new(PartialStore::open(m.clone(), dest).unwrap());
         st.start_whole_file_hasher();

@@ -48,12 +48,24 @@ pub enum PeerMsg {
     Reject(PieceIndex),
 }
 
-/// Tuning knobs. Defaults suit pieces of 64 KiB to 8 MiB on 1 Mbit/s to 10 Gbit/s links.
+/// Tuning knobs.
+///
+/// The runtime should build this with [`Config::for_piece_size`], which sizes the
+/// request window to the content's piece size; [`Config::default`] suits 256 KiB
+/// pieces. The deterministic simulation in `tests/sim.rs` runs with exactly what
+/// `for_piece_size` returns, so what it measures is what the runtime gets.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Requests in flight to one peer (pipelining depth), enough to fill the link.
+    /// Requests in flight to one peer (pipelining depth). Deeper than "one being sent
+    /// plus one waiting" buys nothing: a request queued behind others at a busy peer
+    /// pins its piece there while another holder's uplink may be idle.
     pub max_requests_per_peer: usize,
-    /// Uploads served at once by this node, across all peers.
+    /// Requests in flight across all peers. Bounds how many pieces are half-fetched
+    /// at once, so each arrives (and can be re-shared) sooner.
+    pub max_requests_total: usize,
+    /// Uploads served at once by this node, across all peers. Few, so each finishes
+    /// quickly and its piece can be re-shared by the receiver; enough that one slow
+    /// receiver does not leave the uplink idle.
     pub upload_slots: usize,
     /// Requests a peer may queue with us beyond the slots; more are answered `Reject`.
     pub max_queued_requests_per_peer: usize,
@@ -65,11 +77,34 @@ pub struct Config {
     pub rng_seed: u64,
 }
 
+/// Bytes a node keeps requested across all its peers: 4 MiB keeps a 100 Mbit/s
+/// downlink busy across 300 ms of round trip, and is few pieces at common sizes.
+const TOTAL_IN_FLIGHT_BYTES: u64 = 4 << 20;
+
+impl Config {
+    /// The configuration for a content cut in pieces of `piece_size` bytes. The
+    /// runtime calls this (then sets `rng_seed`); the simulation validates it.
+    ///
+    /// * `max_requests_per_peer`: 2 (one piece arriving, one waiting at the sender so
+    ///   its uplink does not idle for a round trip between pieces).
+    /// * `max_requests_total`: `ceil(4 MiB / piece_size)` clamped to `[4, 32]`.
+    /// * the rest as [`Config::default`].
+    pub fn for_piece_size(piece_size: u32) -> Config {
+        let total = TOTAL_IN_FLIGHT_BYTES.div_ceil(u64::from(piece_size.max(1)));
+        Config {
+            max_requests_total: total.clamp(4, 32) as usize,
+            ..Config::default()
+        }
+    }
+}
+
 impl Default for Config {
+    /// Suits 256 KiB pieces; prefer [`Config::for_piece_size`].
     fn default() -> Self {
         Config {
-            max_requests_per_peer: 8,
-            upload_slots: 16,
+            max_requests_per_peer: 2,
+            max_requests_total: 16,
+            upload_slots: 4,
             max_queued_requests_per_peer: 64,
             request_timeout: Duration::from_secs(30),
             endgame_max_duplicates: 2,

@@ -39,6 +39,7 @@ use crate::{
 /// While a non-seed peer is connected, at most this many requests go to one seed.
 /// The swarm at large should be the main source; see the module docs.
 const SEED_WINDOW: usize = 2;
+const SEED_REJECTS: bool = true;
 
 /// Deterministic xorshift64* generator: the tie-break needs no cryptographic quality,
 /// only reproducibility from `Config::rng_seed`.
@@ -107,6 +108,9 @@ pub struct Swarm {
     departed: BTreeSet<PeerId>,
     banned: BTreeSet<PeerId>,
     uploads: Vec<Upload>,
+    /// How many uploads of each piece we have started: a free slot goes to the queued
+    /// request for the piece sent fewest times, so a seed injects new pieces.
+    sent: Vec<u32>,
     /// Peers with a non-empty upload queue, in round-robin order.
     upload_rr: VecDeque<PeerId>,
     transmits: VecDeque<Transmit>,
@@ -138,6 +142,7 @@ impl Swarm {
             departed: BTreeSet::new(),
             banned: BTreeSet::new(),
             uploads: Vec::new(),
+            sent: vec![0; piece_count as usize],
             upload_rr: VecDeque::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -506,15 +511,19 @@ impl Swarm {
         if active || p.queued.contains(&piece) {
             return; // a repeated request: already being served
         }
-        if self.uploads.len() < self.config.upload_slots {
-            self.start_upload(peer, piece);
-        } else if self.elsewhere(piece) && !p.turned_away.contains(&piece) {
+        let busy = self.uploads.len() >= self.config.upload_slots;
+        let refuse = (busy || (SEED_REJECTS && self.pieces.is_complete()))
+            && self.elsewhere(piece)
+            && !p.turned_away.contains(&piece);
+        if refuse {
             // Busy, and another peer holds it: send the requester there rather than
             // let its request sit in our queue while that peer's uplink idles. Only
             // once per piece: if it comes back, everyone else was busy too; queue it.
             self.peer_mut(peer).turned_away.insert(piece);
             let msg = PeerMsg::Reject(piece);
             self.transmits.push_back(Transmit::Control { peer, msg });
+        } else if !busy {
+            self.start_upload(peer, piece);
         } else if p.queued.len() >= self.config.max_queued_requests_per_peer {
             let msg = PeerMsg::Reject(piece);
             self.transmits.push_back(Transmit::Control { peer, msg });
@@ -555,6 +564,7 @@ impl Swarm {
     }
 
     fn start_upload(&mut self, peer: PeerId, piece: PieceIndex) {
+        self.sent[piece as usize] += 1;
         self.uploads.push(Upload {
             peer,
             piece,
@@ -563,16 +573,27 @@ impl Swarm {
         self.transmits.push_back(Transmit::Upload { peer, piece });
     }
 
+    /// Gives free slots to queued requests: the piece we sent fewest times first, then
+    /// the rarest, then round-robin across peers (oldest first within a peer).
     fn fill_upload_slots(&mut self) {
-        while self.uploads.len() < self.config.upload_slots {
-            let Some(peer) = self.upload_rr.pop_front() else {
-                break;
-            };
+        while self.uploads.len() < self.config.upload_slots && !self.upload_rr.is_empty() {
+            let mut best: Option<((u32, u32, usize), usize)> = None;
+            for (k, peer) in self.upload_rr.iter().enumerate() {
+                for (j, &piece) in self.peers[peer].queued.iter().enumerate() {
+                    let key = (
+                        self.sent[piece as usize],
+                        self.pieces.availability(piece),
+                        k,
+                    );
+                    if best.is_none_or(|(b, _)| key < b) {
+                        best = Some((key, j));
+                    }
+                }
+            }
+            let ((_, _, k), j) = best.expect("peers in rotation have queued requests");
+            let peer = self.upload_rr.remove(k).expect("index from the rotation");
             let p = self.peer_mut(peer);
-            let piece = p
-                .queued
-                .pop_front()
-                .expect("peers in rotation have queued requests");
+            let piece = p.queued.remove(j).expect("index from the queue");
             let bounce = !p.turned_away.remove(&piece);
             if !p.queued.is_empty() {
                 self.upload_rr.push_back(peer);
@@ -639,13 +660,24 @@ impl Swarm {
 
     // ----- requests ------------------------------------------------------------------
 
-    /// How many more requests may go to `peer` right now.
+    /// How many more requests may go to `peer` right now (within its window and the
+    /// total budget).
     fn free_slots(&self, id: PeerId, p: &Peer, non_seeds: bool) -> usize {
         let mut window = p.window;
         if non_seeds && p.is_seed() {
             window = window.min(SEED_WINDOW);
         }
-        window.saturating_sub(self.pieces.requests_to(id))
+        window
+            .saturating_sub(self.pieces.requests_to(id))
+            .min(self.budget())
+    }
+
+    /// How many more requests may be outstanding in total.
+    fn budget(&self) -> usize {
+        self.config
+            .max_requests_total
+            .max(1)
+            .saturating_sub(self.pieces.requests_in_flight())
     }
 
     /// Whether `peer` may be asked for Missing `piece`: it holds it, and either it did
@@ -703,6 +735,9 @@ impl Swarm {
                 }
                 let p = &self.peers[&id];
                 let free = self.free_slots(id, p, non_seeds);
+                if free == 0 {
+                    continue;
+                }
                 let mut cands: Vec<(u32, u32, u64, PieceIndex)> = Vec::new();
                 for &i in &missing {
                     if self.may_ask(p, i, &avoiders) {

@@ -68,6 +68,7 @@ proptest! {
         }
         let config = Config {
             max_requests_per_peer: 3,
+            max_requests_total: 5,
             upload_slots: 2,
             max_queued_requests_per_peer: 2,
             request_timeout: Duration::from_secs(1),

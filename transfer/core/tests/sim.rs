@@ -196,8 +196,7 @@ impl Sim {
             if t > limit {
                 break;
             }
-            if std::env::var_os("SIM_TRACE").is_some() && t / 100_000_000 != self.now / 100_000_000
-            {
+            if std::env::var_os("SIM_TRACE").is_some() && t / 50_000_000 != self.now / 50_000_000 {
                 let have: u32 = self.nodes.iter().map(|n| n.swarm.stats().pieces_have).sum();
                 let rate: f64 = self.flows.iter().map(|f| f.rate).sum();
                 let inflight: usize = self
@@ -211,10 +210,33 @@ impl Sim {
                     .map(|n| n.swarm.stats().uploads_active)
                     .sum();
                 let seedflows = self.flows.iter().filter(|f| f.from == 0).count();
+                let seedrate: f64 = self
+                    .flows
+                    .iter()
+                    .filter(|f| f.from == 0)
+                    .map(|f| f.rate)
+                    .sum();
+                let injected = (0..self.piece_count)
+                    .filter(|&p| self.nodes.iter().skip(1).any(|n| n.swarm.have().get(p)))
+                    .count();
+                let minhave = self
+                    .nodes
+                    .iter()
+                    .skip(1)
+                    .map(|n| n.swarm.stats().pieces_have)
+                    .min()
+                    .unwrap();
+                let idle_up = self
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !self.flows.iter().any(|f| f.from == *i))
+                    .count();
                 println!(
-                    "t={:.1}s have={have} flows={} seedflows={seedflows} util={:.2} inflight={inflight} uploads={up}",
+                    "t={:.2}s have={have} inj={injected} minhave={minhave} flows={} seedflows={seedflows} seedutil={:.2} util={:.2} idle_up={idle_up} inflight={inflight} uploads={up}",
                     secs(t),
                     self.flows.len(),
+                    seedrate / MBIT100,
                     rate / (MBIT100 * self.nodes.len() as f64)
                 );
             }
@@ -520,22 +542,22 @@ fn swarm_specs(piece_count: u32, leechers: usize) -> Vec<NodeSpec> {
     v
 }
 
-fn sim_config(seed: u64) -> Config {
+fn sim_config(seed: u64, piece_size: u64) -> Config {
     let env = |k: &str, d: usize| {
         std::env::var(k)
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
+    let c = Config::for_piece_size(piece_size as u32);
     Config {
         rng_seed: seed,
         request_timeout: Duration::from_secs(5),
-        // Tuned for this model (see the report in one_seed_fifty_leechers_near_ideal);
-        // SLOTS / REQS / DUPS override them for experiments.
-        upload_slots: env("SLOTS", 8),
-        max_requests_per_peer: env("REQS", 1),
-        endgame_max_duplicates: env("DUPS", 2),
-        ..Config::default()
+        upload_slots: env("SLOTS", c.upload_slots),
+        max_requests_per_peer: env("REQS", c.max_requests_per_peer),
+        max_requests_total: env("TOTAL", c.max_requests_total),
+        endgame_max_duplicates: env("DUPS", c.endgame_max_duplicates),
+        ..c
     }
 }
 
@@ -551,7 +573,7 @@ fn one_seed_fifty_leechers_near_ideal() {
         piece_size,
         piece_count,
         swarm_specs(piece_count, 50),
-        &sim_config(1),
+        &sim_config(1, piece_size),
     );
     sim.run(Duration::from_secs(60));
     let ideal = sim.content() / MBIT100;
@@ -606,7 +628,7 @@ fn corrupt_peer_is_banned_and_others_finish() {
     let mut specs = swarm_specs(SMALL_COUNT, 12);
     let liar = specs.len();
     specs.push(spec(Bitfield::new(SMALL_COUNT), Behaviour::Corrupt));
-    let mut sim = Sim::new(SMALL_PIECE, SMALL_COUNT, specs, &sim_config(2));
+    let mut sim = Sim::new(SMALL_PIECE, SMALL_COUNT, specs, &sim_config(2, SMALL_PIECE));
     sim.run(Duration::from_secs(120));
     leechers_done(&sim, &[liar]);
     let corrupt: u64 = sim
@@ -639,7 +661,7 @@ fn killed_peer_does_not_stall_the_others() {
     let mut specs = swarm_specs(SMALL_COUNT, 20);
     let victim = 3;
     specs[victim].kill_at = Some(Duration::from_millis(250));
-    let mut sim = Sim::new(SMALL_PIECE, SMALL_COUNT, specs, &sim_config(3));
+    let mut sim = Sim::new(SMALL_PIECE, SMALL_COUNT, specs, &sim_config(3, SMALL_PIECE));
     sim.run(Duration::from_secs(120));
     assert!(!sim.nodes[victim].alive);
     assert!(
@@ -670,7 +692,7 @@ fn silent_peer_requests_time_out_and_others_finish() {
     specs.push(spec(half, Behaviour::Silent));
     let config = Config {
         request_timeout: Duration::from_millis(150),
-        ..sim_config(4)
+        ..sim_config(4, SMALL_PIECE)
     };
     let mut sim = Sim::new(SMALL_PIECE, SMALL_COUNT, specs, &config);
     sim.run(Duration::from_secs(300));
@@ -701,7 +723,7 @@ fn resumed_node_fetches_only_what_it_lacks() {
         half.set(i);
     }
     specs[1].have = half;
-    let mut sim = Sim::new(SMALL_PIECE, SMALL_COUNT, specs, &sim_config(5));
+    let mut sim = Sim::new(SMALL_PIECE, SMALL_COUNT, specs, &sim_config(5, SMALL_PIECE));
     sim.run(Duration::from_secs(60));
     leechers_done(&sim, &[]);
     let n = &sim.nodes[1];
