@@ -1145,10 +1145,7 @@ impl Driver {
         let conn = p.conn.clone();
         let sh = self.sh.clone();
         self.tasks.spawn(async move {
-            let res = tokio::select! {
-                _ = cancel.cancelled() => Err("cancelled".to_string()),
-                r = send_piece(&conn, &sh, piece, data) => r,
-            };
+            let res = send_piece(&conn, &sh, piece, data, &cancel).await;
             if let Err(e) = res {
                 debug!(piece, "upload stopped: {e}");
             }
@@ -1157,11 +1154,15 @@ impl Driver {
     }
 }
 
+/// Send one piece on its own stream. The upload slot is held until the peer has
+/// acknowledged every byte (not merely until quinn buffered it), so slots reflect what
+/// the link really carries and a cancel can still reset the stream.
 async fn send_piece(
     conn: &Connection,
     sh: &Shared,
     piece: u32,
     mut data: Bytes,
+    cancel: &CancellationToken,
 ) -> Result<(), String> {
     if sh.fault == Some(Fault::CorruptUploads) && !data.is_empty() {
         let mut v = data.to_vec();
@@ -1174,7 +1175,7 @@ async fn send_piece(
         piece,
         len: data.len() as u32,
     };
-    let res = async {
+    let work = async {
         s.write_all(&h.encode()).await.map_err(|e| e.to_string())?;
         let mut off = 0;
         while off < data.len() {
@@ -1187,10 +1188,19 @@ async fn send_piece(
             off = end;
         }
         s.finish().map_err(|e| e.to_string())?;
-        Ok(())
-    }
-    .await;
+        // Resolves once the peer acknowledged everything, or stopped the stream.
+        match s.stopped().await {
+            Ok(None) => Ok(()),
+            Ok(Some(code)) => Err(format!("peer stopped the stream ({code})")),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let res = tokio::select! {
+        r = work => r,
+        _ = cancel.cancelled() => Err("cancelled".to_string()),
+    };
     if res.is_err() {
+        // Dropping a send stream would finish it; reset it so the peer stops waiting.
         let _ = s.reset(VarInt::from_u32(code::CANCELLED));
     }
     res

@@ -104,7 +104,7 @@ impl Default for Config {
         Config {
             max_requests_per_peer: 2,
             max_requests_total: 16,
-            upload_slots: 4,
+            upload_slots: 8,
             max_queued_requests_per_peer: 64,
             request_timeout: Duration::from_secs(30),
             endgame_max_duplicates: 2,

@@ -15,6 +15,12 @@
 //!   no non-seed holds when possible, and only a small window at a time while other
 //!   peers are around. The original sharer's uplink is then spent on injecting pieces
 //!   the swarm lacks, not on serving copies the leechers could trade among themselves.
+//! * **Super-seeding.** A seed also refuses a piece it has sent more often than its
+//!   least-sent piece when another peer holds it, so each piece leaves the seed once
+//!   before any leaves twice. A busy non-seed never refuses: it queues. (Refusing
+//!   whenever all slots were busy, to send requesters elsewhere, made requests bounce
+//!   between busy holders and left uplinks idle: 2.1 x ideal in the simulation
+//!   against 1.3 x without.)
 //! * **Endgame.** Once every missing piece that someone could give is already
 //!   requested, idle request slots duplicate the oldest outstanding requests (bounded
 //!   per piece); the first verified copy cancels the others. This keeps one slow peer
@@ -39,7 +45,6 @@ use crate::{
 /// While a non-seed peer is connected, at most this many requests go to one seed.
 /// The swarm at large should be the main source; see the module docs.
 const SEED_WINDOW: usize = 2;
-const SEED_REJECTS: bool = true;
 
 /// Deterministic xorshift64* generator: the tie-break needs no cryptographic quality,
 /// only reproducibility from `Config::rng_seed`.
@@ -77,8 +82,6 @@ struct Peer {
     avoid: BTreeSet<PieceIndex>,
     /// How many requests we may have outstanding to them (AIMD on timeouts).
     window: usize,
-    /// Pieces we refused them once because we were busy and someone else holds them.
-    turned_away: BTreeSet<PieceIndex>,
 }
 
 impl Peer {
@@ -111,6 +114,9 @@ pub struct Swarm {
     /// How many uploads of each piece we have started: a free slot goes to the queued
     /// request for the piece sent fewest times, so a seed injects new pieces.
     sent: Vec<u32>,
+    /// The minimum of `sent`, and how many pieces are at it (kept by `start_upload`).
+    sent_min: u32,
+    at_sent_min: u32,
     /// Peers with a non-empty upload queue, in round-robin order.
     upload_rr: VecDeque<PeerId>,
     transmits: VecDeque<Transmit>,
@@ -143,6 +149,8 @@ impl Swarm {
             banned: BTreeSet::new(),
             uploads: Vec::new(),
             sent: vec![0; piece_count as usize],
+            sent_min: 0,
+            at_sent_min: piece_count,
             upload_rr: VecDeque::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -167,7 +175,6 @@ impl Swarm {
                 queued: VecDeque::new(),
                 avoid: BTreeSet::new(),
                 window: self.config.max_requests_per_peer.max(1),
-                turned_away: BTreeSet::new(),
             },
         );
         let msg = PeerMsg::Bitfield(self.pieces.have().clone());
@@ -512,14 +519,9 @@ impl Swarm {
             return; // a repeated request: already being served
         }
         let busy = self.uploads.len() >= self.config.upload_slots;
-        let refuse = (busy || (SEED_REJECTS && self.pieces.is_complete()))
-            && self.elsewhere(piece)
-            && !p.turned_away.contains(&piece);
-        if refuse {
-            // Busy, and another peer holds it: send the requester there rather than
-            // let its request sit in our queue while that peer's uplink idles. Only
-            // once per piece: if it comes back, everyone else was busy too; queue it.
-            self.peer_mut(peer).turned_away.insert(piece);
+        if self.seed_refuses(piece) {
+            // We are a seed still injecting: spend the uplink on pieces the swarm
+            // lacks; someone else holds this one.
             let msg = PeerMsg::Reject(piece);
             self.transmits.push_back(Transmit::Control { peer, msg });
         } else if !busy {
@@ -556,15 +558,27 @@ impl Swarm {
         }
     }
 
-    /// Whether a requester of `piece` could get it without us: another peer holds it,
-    /// or we are sending it to someone right now (who will soon hold it).
-    fn elsewhere(&self, piece: PieceIndex) -> bool {
-        self.pieces.availability(piece) > 0
-            || self.uploads.iter().any(|u| u.piece == piece && !u.aborted)
+    /// Super-seeding: a seed refuses a piece it has already sent more often than its
+    /// least-sent piece, as long as another peer holds it (the requester can get it
+    /// there). Until every piece has left the seed once, its uplink is the swarm's
+    /// bottleneck, and a second copy of one piece delays the first of another.
+    fn seed_refuses(&self, piece: PieceIndex) -> bool {
+        self.pieces.is_complete()
+            && self.sent[piece as usize] > self.sent_min
+            && self.pieces.availability(piece) > 0
     }
 
     fn start_upload(&mut self, peer: PeerId, piece: PieceIndex) {
         self.sent[piece as usize] += 1;
+        if self.sent[piece as usize] == self.sent_min + 1 {
+            self.at_sent_min -= 1;
+            if self.at_sent_min == 0 {
+                // A full round is done: every piece left at least `sent_min + 1` times.
+                self.sent_min += 1;
+                let min = self.sent_min;
+                self.at_sent_min = self.sent.iter().filter(|&&c| c == min).count() as u32;
+            }
+        }
         self.uploads.push(Upload {
             peer,
             piece,
@@ -594,13 +608,11 @@ impl Swarm {
             let peer = self.upload_rr.remove(k).expect("index from the rotation");
             let p = self.peer_mut(peer);
             let piece = p.queued.remove(j).expect("index from the queue");
-            let bounce = !p.turned_away.remove(&piece);
             if !p.queued.is_empty() {
                 self.upload_rr.push_back(peer);
             }
-            if bounce && self.elsewhere(piece) {
-                // It became available elsewhere while queued: same as on arrival.
-                self.peer_mut(peer).turned_away.insert(piece);
+            if self.seed_refuses(piece) {
+                // Another peer got it while this request waited: same as on arrival.
                 let msg = PeerMsg::Reject(piece);
                 self.transmits.push_back(Transmit::Control { peer, msg });
                 continue;
