@@ -39,6 +39,10 @@ use crate::tls::{self, Fingerprint, Identity, Trust};
 
 /// Chunk size for uploads and rate-limit charging.
 const CHUNK: usize = 64 << 10;
+/// Received bytes are gathered into writes of this size (page-aligned, since pieces
+/// start at multiples of the piece size): one `pwrite` per packet meant partial-page
+/// writes, which the kernel zero-fills first, and contention on the file's lock.
+const WRITE_BLOCK: usize = 256 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -69,7 +73,8 @@ pub struct NodeConfig {
     /// same ones to each transfer; standalone commands leave them unlimited).
     pub node_up: Limiter,
     pub node_down: Limiter,
-    pub swarm: octopus_swarm::Config,
+    /// The swarm tuning; `None` takes `Config::for_piece_size` of the content.
+    pub swarm: Option<octopus_swarm::Config>,
     pub announce_interval: Duration,
     /// Most connections a getter opens to other peers.
     pub max_peers: usize,
@@ -103,7 +108,7 @@ impl Default for NodeConfig {
             limit_down: None,
             node_up: Limiter::unlimited(),
             node_down: Limiter::unlimited(),
-            swarm: octopus_swarm::Config::default(),
+            swarm: None,
             announce_interval: Duration::from_secs(2),
             max_peers: 32,
             identity: None,
@@ -485,12 +490,10 @@ fn start(
         .filter(|(i, _)| have.get(*i as u32))
         .map(|(_, p)| p.len as u64)
         .sum();
-    let mut scfg = cfg.swarm.clone();
-    // Enough requests in flight to keep ~4 MiB moving per peer.
-    let ps = manifest.piece_size.max(1) as usize;
-    scfg.max_requests_per_peer = scfg
-        .max_requests_per_peer
-        .max((4usize << 20).div_ceil(ps).clamp(2, 32));
+    let mut scfg = cfg.swarm.clone().unwrap_or_else(|| {
+        // The configuration the simulation validated for this piece size.
+        octopus_swarm::Config::for_piece_size(manifest.piece_size)
+    });
     scfg.rng_seed = rand::random();
     let now = Instant::now();
     let swarm = Swarm::new(scfg, n, have, now);
@@ -1260,8 +1263,14 @@ async fn receive_piece(
         return;
     }
     let outcome = async {
+        let store = match &sh.store {
+            Store::Partial(p) => p,
+            Store::Seed(_) => return DataOutcome::Failed("a seed does not download".into()),
+        };
         let mut hasher = Md5::new();
         let mut got: u32 = 0;
+        let mut buf = Vec::with_capacity(WRITE_BLOCK.min(info.len as usize));
+        let mut buf_at: u32 = 0;
         while got < info.len {
             let want = ((info.len - got) as usize).min(CHUNK);
             let chunk = match s.read_chunk(want, true).await {
@@ -1273,15 +1282,16 @@ async fn receive_piece(
             // control turns the wait into backpressure on the sender.
             sh.down.acquire(chunk.len() as u64).await;
             hasher.update(&chunk);
-            let store = match &sh.store {
-                Store::Partial(p) => p,
-                Store::Seed(_) => return DataOutcome::Failed("a seed does not download".into()),
-            };
-            if let Err(e) = store.write(h.piece, got, &chunk) {
-                return DataOutcome::Disk(e);
-            }
+            buf.extend_from_slice(&chunk);
             got += chunk.len() as u32;
             sh.received.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            if buf.len() >= WRITE_BLOCK || got == info.len {
+                if let Err(e) = store.write(h.piece, buf_at, &buf) {
+                    return DataOutcome::Disk(e);
+                }
+                buf_at = got;
+                buf.clear();
+            }
         }
         let digest: Md5Sum = hasher.finalize().into();
         if digest == info.md5 {

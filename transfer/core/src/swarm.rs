@@ -433,7 +433,7 @@ impl Swarm {
                     return Err(format!("piece {i} requested from peer {id} lacking it"));
                 }
             }
-            if requested > self.config.max_requests_per_peer.max(1) {
+            if requested > self.max_window() {
                 return Err(format!(
                     "{requested} requests to peer {id} exceed the window"
                 ));
@@ -676,12 +676,26 @@ impl Swarm {
     /// total budget).
     fn free_slots(&self, id: PeerId, p: &Peer, non_seeds: bool) -> usize {
         let mut window = p.window;
+        if self.peers.len() == 1 && p.window == self.config.max_requests_per_peer.max(1) {
+            // A lone peer (a plain two-node transfer) gets the whole budget: the
+            // window exists to spread requests across holders, and there are none
+            // to spread across. A peer whose window shrank on timeouts keeps it.
+            window = self.max_window();
+        }
         if non_seeds && p.is_seed() {
             window = window.min(SEED_WINDOW);
         }
         window
             .saturating_sub(self.pieces.requests_to(id))
             .min(self.budget())
+    }
+
+    /// The most requests one peer may ever have outstanding from us.
+    fn max_window(&self) -> usize {
+        self.config
+            .max_requests_per_peer
+            .max(self.config.max_requests_total)
+            .max(1)
     }
 
     /// How many more requests may be outstanding in total.
