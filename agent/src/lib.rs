@@ -1,1 +1,5 @@
-//! Octopus agent: arrives with the agent issue. Empty on purpose until then.
+//! Octopus agent: the daemon on every host (see ARCHITECTURE.md).
+pub mod exec;
+pub mod hostinfo;
+pub mod daemon;
+pub mod proto;

@@ -1,1 +1,6 @@
-//! Octopus center: arrives with the control-plane issue. Empty on purpose until then.
+//! Octopus center: the management center (see ARCHITECTURE.md).
+pub mod auth;
+pub mod store;
+pub mod target;
+pub mod api;
+pub mod center;

@@ -18,6 +18,7 @@ use octopus_transfer::node::{self, NodeConfig, NodeHandle};
 use octopus_transfer::ticket::Ticket;
 use serde_json::json;
 
+mod ctl;
 mod swarm_bench;
 
 const RATE_HELP: &str = "RATE is bytes per second unless its unit ends in `bit`: \
@@ -83,6 +84,77 @@ enum Cmd {
     },
     /// Benchmark a swarm in network namespaces with shaped links (needs root).
     SwarmBench(swarm_bench::Args),
+    /// Run the management center: HTTP API on TCP and the agents' QUIC on UDP, same port.
+    Center {
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: SocketAddr,
+        /// Where the store, CA and admin token live (default ~/.local/share/octopus/center).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// How often agents report.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        heartbeat: Duration,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the agent daemon on this host; enrolls on first start.
+    Agent {
+        /// The center's address, e.g. 127.0.0.1:7070.
+        #[arg(long)]
+        center: String,
+        /// Enrollment token (first start only), from `octo token create --scope enroll`.
+        #[arg(long)]
+        token: Option<String>,
+        /// Where the key, certificate and task journal live (default ~/.local/share/octopus/agent).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Host name to enroll as (default: this host's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// KEY=VALUE, repeatable.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List agents, optionally only those a target selects.
+    Agents {
+        #[command(flatten)]
+        conn: ctl::Conn,
+        target: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command on hosts and print their output, like pssh -i.
+    Exec {
+        #[command(flatten)]
+        conn: ctl::Conn,
+        #[command(flatten)]
+        args: ctl::ExecArgs,
+    },
+    /// Inspect, follow or cancel tasks.
+    Task {
+        #[command(flatten)]
+        conn: ctl::Conn,
+        #[command(subcommand)]
+        cmd: ctl::TaskCmd,
+    },
+    /// Create, list or revoke API tokens.
+    Token {
+        #[command(flatten)]
+        conn: ctl::Conn,
+        #[command(subcommand)]
+        cmd: ctl::TokenCmd,
+    },
+    /// Read the audit log of mutating API calls.
+    Audit {
+        #[command(flatten)]
+        conn: ctl::Conn,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_rate_arg(s: &str) -> Result<u64, String> {
@@ -127,8 +199,26 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let json = match &cli.cmd {
-        Cmd::Share { json, .. } | Cmd::Get { json, .. } | Cmd::Demo { json, .. } => *json,
+        Cmd::Share { json, .. }
+        | Cmd::Get { json, .. }
+        | Cmd::Demo { json, .. }
+        | Cmd::Center { json, .. }
+        | Cmd::Agent { json, .. }
+        | Cmd::Agents { json, .. }
+        | Cmd::Audit { json, .. } => *json,
         Cmd::SwarmBench(a) => a.json,
+        Cmd::Exec { args, .. } => args.json,
+        Cmd::Task { cmd, .. } => match cmd {
+            ctl::TaskCmd::List { json, .. }
+            | ctl::TaskCmd::Show { json, .. }
+            | ctl::TaskCmd::Wait { json, .. }
+            | ctl::TaskCmd::Cancel { json, .. } => *json,
+        },
+        Cmd::Token { cmd, .. } => match cmd {
+            ctl::TokenCmd::Create { json, .. }
+            | ctl::TokenCmd::List { json }
+            | ctl::TokenCmd::Revoke { json, .. } => *json,
+        },
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -157,10 +247,43 @@ fn main() -> ExitCode {
             } => get(listen, limit_up, limit_down, linger, json, ticket, dest).await,
             Cmd::Demo { size, json } => demo(size, json).await,
             Cmd::SwarmBench(args) => swarm_bench::run(args).await,
+            Cmd::Center {
+                listen,
+                data_dir,
+                heartbeat,
+                json,
+            } => ctl::center(listen, data_dir, heartbeat, json).await,
+            Cmd::Agent {
+                center,
+                token,
+                data_dir,
+                name,
+                tags,
+                json,
+            } => {
+                ctl::agent(ctl::AgentOpts {
+                    center,
+                    token,
+                    data_dir,
+                    name,
+                    tags,
+                    json,
+                })
+                .await
+            }
+            // The API clients block on HTTP; nothing else runs on this runtime then.
+            Cmd::Agents { conn, target, json } => ctl::agents(&conn, target, json),
+            Cmd::Exec { conn, args } => return ctl::exec(&conn, args),
+            Cmd::Task { conn, cmd } => return ctl::task(&conn, cmd),
+            Cmd::Token { conn, cmd } => ctl::token(&conn, cmd),
+            Cmd::Audit { conn, limit, json } => ctl::audit(&conn, limit, json),
         }
+        .map(|()| true)
     });
     match res {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        // The command printed why (a summary of failed hosts).
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => report(json, e),
     }
 }

@@ -81,7 +81,11 @@ fn transport() -> Arc<TransportConfig> {
 
 /// A bound endpoint that accepts mutually-authenticated connections.
 pub fn endpoint(listen: SocketAddr, id: &Identity, trust: &Trust) -> Result<Endpoint, NetError> {
-    let tls = tls::server_config(id, trust)?;
+    endpoint_with_tls(listen, tls::server_config(id, trust)?)
+}
+
+/// As [`endpoint`], with a prepared TLS configuration (other ALPNs, another trust).
+pub fn endpoint_with_tls(listen: SocketAddr, tls: rustls::ServerConfig) -> Result<Endpoint, NetError> {
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(transport());
@@ -108,12 +112,27 @@ pub async fn connect_alpn(
     expected: Fingerprint,
     alpn: &[u8],
 ) -> Result<Connection, NetError> {
-    let tls = tls::client_config_alpn(id, expected, alpn)?;
+    connect_check(ep, id, addr, tls::ServerCheck::Pinned(expected), alpn).await
+}
+
+/// Dial `addr` accepting the server per `check`, under `alpn`.
+pub async fn connect_check(
+    ep: &Endpoint,
+    id: &Identity,
+    addr: SocketAddr,
+    check: tls::ServerCheck,
+    alpn: &[u8],
+) -> Result<Connection, NetError> {
+    let server_name = match check {
+        tls::ServerCheck::Pinned(_) => "octopus-node",
+        _ => tls::CENTER_NAME,
+    };
+    let tls = tls::client_config_check(id, check, alpn)?;
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport());
     let connecting = ep
-        .connect_with(cfg, addr, "octopus-node")
+        .connect_with(cfg, addr, server_name)
         .map_err(|source| NetError::Connect { addr, source })?;
     match tokio::time::timeout(Duration::from_secs(5), connecting).await {
         Ok(Ok(c)) => Ok(c),

@@ -1,0 +1,628 @@
+//! The HTTP API under `/api/v1` (axum, JSON).
+//!
+//! Why it is shaped like this:
+//!
+//! * **Every call needs a token** (`Authorization: Bearer octo_<id>_<secret>`). The
+//!   [`Caller`] extractor answers 401 for a missing, malformed, unknown, revoked or
+//!   expired token and 403 for an address outside the token's allow-list; each
+//!   handler then asks for the scope it needs (403 if the token's is weaker).
+//! * **Errors map to status codes in one place**: [`ApiError`]. Its body is
+//!   `{"error": "..."}` with a sentence saying what was wrong, malformed JSON included
+//!   (400, where axum's default would say 422 for some of it).
+//! * **Every mutating call is audited** by the [`audit`] middleware: who (token id),
+//!   what (method, path, status), from which address, and when, after the handler ran.
+//! * **Following a task is a long poll** (`GET /tasks/{id}/events?after=N&wait=S`):
+//!   it returns as soon as there is something new, so output arrives live without a
+//!   streaming body, and a client that reconnects resumes from its last `seq`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use octopus_agent::exec::{ExecKind, ExecSpec};
+use octopus_agent::proto::{self, TaskBody, MAX_SCRIPT};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::auth;
+use crate::center::{self, Batch, Inner};
+use crate::store::{HostState, Scope, TaskState};
+
+/// An API failure: a status and a message. The one place statuses are chosen.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn bad_request(m: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: m.into(),
+        }
+    }
+    pub fn unauthorized(m: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: m.into(),
+        }
+    }
+    pub fn forbidden(m: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            message: m.into(),
+        }
+    }
+    pub fn not_found(m: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: m.into(),
+        }
+    }
+    pub fn internal(e: impl std::fmt::Display) -> ApiError {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> ApiError {
+        ApiError::bad_request(format!("malformed JSON body: {}", r.body_text()))
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> ApiError {
+        ApiError::internal(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+type Shared = Arc<Inner>;
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub token_id: String,
+    pub scope: Scope,
+    pub addr: SocketAddr,
+}
+
+impl Caller {
+    fn require(&self, needed: Scope) -> Result<(), ApiError> {
+        if self.scope.allows(needed) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "this call needs the {needed} scope and the token has {}",
+                self.scope
+            )))
+        }
+    }
+}
+
+impl FromRequestParts<Shared> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Caller, ApiError> {
+        let addr = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0)
+            .ok_or_else(|| ApiError::internal("no peer address"))?;
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer token"))?;
+        let text = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| ApiError::unauthorized("the Authorization header is not a Bearer token"))?;
+        let (id, secret) =
+            auth::parse_token(text.trim()).map_err(|e| ApiError::unauthorized(e.to_string()))?;
+        let rec = state
+            .store
+            .get_token(&id)?
+            .ok_or_else(|| ApiError::unauthorized("unknown token"))?;
+        if rec.scope == Scope::Enroll {
+            return Err(ApiError::forbidden(
+                "an enroll token can only enroll agents, not call the API",
+            ));
+        }
+        // Scope is checked per handler; here only identity, validity and address.
+        auth::check(&rec, &secret, rec.scope, addr.ip(), proto::now_ms())
+            .map_err(|e| {
+                if e.is_forbidden() {
+                    ApiError::forbidden(e.to_string())
+                } else {
+                    ApiError::unauthorized(e.to_string())
+                }
+            })?;
+        Ok(Caller {
+            token_id: id,
+            scope: rec.scope,
+            addr,
+        })
+    }
+}
+
+/// Records every mutating call after it ran, whatever its outcome.
+async fn audit(State(inner): State<Shared>, req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let addr = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.to_string())
+        .unwrap_or_default();
+    let token = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .and_then(|t| auth::parse_token(t.trim()).ok())
+        .map(|(id, _)| id)
+        .unwrap_or_else(|| "-".into());
+    let resp = next.run(req).await;
+    if method != Method::GET && method != Method::HEAD {
+        let entry = crate::store::AuditEntry {
+            seq: 0,
+            at: proto::now_ms(),
+            token,
+            addr,
+            method: method.to_string(),
+            path,
+            status: resp.status().as_u16(),
+            detail: String::new(),
+        };
+        if let Err(e) = inner.store.append_audit(entry) {
+            tracing::error!("writing the audit log: {e}");
+        }
+    }
+    resp
+}
+
+pub(crate) fn router(inner: Shared) -> Router {
+    let api = Router::new()
+        .route("/agents", get(list_agents))
+        .route("/tasks", post(create_task).get(list_tasks))
+        .route("/tasks/{id}", get(show_task))
+        .route("/tasks/{id}/events", get(task_events))
+        .route("/tasks/{id}/cancel", post(cancel_task))
+        .route("/tokens", post(create_token).get(list_tokens))
+        .route("/tokens/{id}/revoke", post(revoke_token))
+        .route("/audit", get(list_audit))
+        .route("/info", get(info))
+        .fallback(|| async { ApiError::not_found("no such API route") });
+    Router::new()
+        .nest("/api/v1", api)
+        .fallback(|| async { ApiError::not_found("no such route; the API is under /api/v1") })
+        .layer(middleware::from_fn_with_state(inner.clone(), audit))
+        .with_state(inner)
+}
+
+async fn info(caller: Caller, State(inner): State<Shared>) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Read)?;
+    Ok(Json(json!({
+        "version": center::VERSION,
+        "ca_fingerprint": center::fingerprint_hex(&inner.ca.fingerprint),
+        "agents_addr": inner.quic_addr.to_string(),
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+struct TargetQuery {
+    target: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct AgentView {
+    name: String,
+    status: String,
+    online: bool,
+    offline_since: Option<u64>,
+    last_seen: u64,
+    addrs: Vec<String>,
+    tags: std::collections::BTreeMap<String, String>,
+    version: String,
+    fingerprint: String,
+    resources: Option<octopus_agent::hostinfo::Resources>,
+}
+
+async fn list_agents(
+    caller: Caller,
+    State(inner): State<Shared>,
+    Query(q): Query<TargetQuery>,
+) -> Result<Json<Vec<AgentView>>, ApiError> {
+    caller.require(Scope::Read)?;
+    let hosts = inner.store.list_hosts()?;
+    let selected: Option<std::collections::HashSet<String>> = match &q.target {
+        Some(t) => {
+            let t = crate::target::Target::parse(t).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let s: std::collections::HashSet<String> = t
+                .select(hosts.iter().map(|h| (h.name.as_str(), &h.tags)))
+                .into_iter()
+                .collect();
+            if s.is_empty() {
+                return Err(ApiError::not_found(format!(
+                    "target {:?} matches no host",
+                    q.target.as_deref().unwrap_or_default()
+                )));
+            }
+            Some(s)
+        }
+        None => None,
+    };
+    let out = hosts
+        .into_iter()
+        .filter(|h| selected.as_ref().is_none_or(|s| s.contains(&h.name)))
+        .map(|h| {
+            let online = center::is_online(&inner, &h.name);
+            AgentView {
+                status: if online { "online".into() } else { "offline".into() },
+                online,
+                offline_since: if online { None } else { h.offline_since },
+                resources: h
+                    .resources
+                    .as_deref()
+                    .and_then(|r| postcard::from_bytes(r).ok()),
+                name: h.name,
+                last_seen: h.last_seen,
+                addrs: h.addrs,
+                tags: h.tags,
+                version: h.version,
+                fingerprint: h.fingerprint,
+            }
+        })
+        .collect();
+    Ok(Json(out))
+}
+
+#[derive(Debug, Deserialize)]
+struct NewTask {
+    target: String,
+    /// "shell" (default), "python" or "jar".
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    command: String,
+    #[serde(default)]
+    args: Vec<String>,
+    /// A script body (UTF-8 text), run instead of `command`.
+    #[serde(default)]
+    script: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    cwd: Option<String>,
+    #[serde(default)]
+    env: Vec<(String, String)>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    /// How long an offline host may still receive it (default 1 hour).
+    #[serde(default)]
+    ttl_ms: Option<u64>,
+    /// "N" or "N%".
+    #[serde(default)]
+    batch: Option<String>,
+    #[serde(default)]
+    max_failures: Option<u32>,
+}
+
+async fn create_task(
+    caller: Caller,
+    State(inner): State<Shared>,
+    body: Result<Json<NewTask>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require(Scope::Operator)?;
+    let Json(t) = body?;
+    let kind = match t.kind.as_deref().unwrap_or("shell") {
+        "shell" => ExecKind::Shell,
+        "python" => ExecKind::Python,
+        "jar" => ExecKind::Jar,
+        k => return Err(ApiError::bad_request(format!("unknown kind {k:?}: use shell, python or jar"))),
+    };
+    if t.command.is_empty() && t.script.is_none() {
+        return Err(ApiError::bad_request("give a command or a script"));
+    }
+    if t.script.as_ref().is_some_and(|s| s.len() > MAX_SCRIPT) {
+        return Err(ApiError::bad_request(format!("a script may hold at most {MAX_SCRIPT} bytes")));
+    }
+    let batch = match &t.batch {
+        Some(b) => b.parse::<Batch>().map_err(ApiError::bad_request)?,
+        None => Batch::All,
+    };
+    let summary = match &t.script {
+        Some(_) => format!("{} script", t.kind.as_deref().unwrap_or("shell")),
+        None => std::iter::once(t.command.clone())
+            .chain(t.args.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" "),
+    };
+    let spec = ExecSpec {
+        kind,
+        command: t.command,
+        args: t.args,
+        script: t.script.map(String::into_bytes),
+        user: t.user,
+        cwd: t.cwd,
+        env: t.env,
+        timeout_ms: t.timeout_ms,
+    };
+    let rec = center::create_task(
+        &inner,
+        &caller.token_id,
+        center::TaskRequest {
+            target: t.target,
+            body: TaskBody::Exec(spec),
+            summary,
+            ttl: Duration::from_millis(t.ttl_ms.unwrap_or(3_600_000)),
+            batch,
+            max_failures: t.max_failures,
+        },
+    )?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": rec.id, "hosts": rec.hosts })),
+    ))
+}
+
+#[derive(Debug, Serialize)]
+struct HostView {
+    host: String,
+    state: &'static str,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    stdout: String,
+    stderr: String,
+    stdout_truncated: bool,
+    stderr_truncated: bool,
+    error: Option<String>,
+    queued_at: u64,
+    started_at: Option<u64>,
+    finished_at: Option<u64>,
+}
+
+fn task_json(inner: &Inner, id: u64, with_output: bool) -> Result<Value, ApiError> {
+    let rec = inner
+        .store
+        .get_task(id)?
+        .ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
+    let results = inner.store.results(id)?;
+    let mut counts = std::collections::BTreeMap::<&str, u32>::new();
+    let hosts: Vec<HostView> = results
+        .into_iter()
+        .map(|r| {
+            let state = center::state_name(r.state);
+            *counts.entry(state).or_default() += 1;
+            HostView {
+                host: r.host,
+                state,
+                exit_code: r.exit_code,
+                signal: r.signal,
+                stdout: if with_output { String::from_utf8_lossy(&r.stdout).into_owned() } else { String::new() },
+                stderr: if with_output { String::from_utf8_lossy(&r.stderr).into_owned() } else { String::new() },
+                stdout_truncated: r.stdout_truncated,
+                stderr_truncated: r.stderr_truncated,
+                error: r.error,
+                queued_at: r.queued_at,
+                started_at: r.started_at,
+                finished_at: r.finished_at,
+            }
+        })
+        .collect();
+    Ok(json!({
+        "id": rec.id,
+        "state": match rec.state { TaskState::Running => "running", TaskState::Done => "done", TaskState::Cancelled => "cancelled" },
+        "created_at": rec.created_at,
+        "created_by": rec.created_by,
+        "target": rec.target,
+        "summary": rec.summary,
+        "ttl_ms": rec.ttl_ms,
+        "batch": rec.batch,
+        "max_failures": rec.max_failures,
+        "counts": counts,
+        "hosts": hosts,
+    }))
+}
+
+async fn show_task(
+    caller: Caller,
+    State(inner): State<Shared>,
+    Path(id): Path<u64>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Read)?;
+    Ok(Json(task_json(&inner, id, true)?))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+}
+
+async fn list_tasks(
+    caller: Caller,
+    State(inner): State<Shared>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    caller.require(Scope::Read)?;
+    let tasks = inner.store.list_tasks(q.limit.unwrap_or(50).min(1000))?;
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(task_json(&inner, t.id, false)?);
+    }
+    Ok(Json(out))
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    #[serde(default)]
+    after: u64,
+    /// Seconds to wait for something new (at most 30).
+    #[serde(default)]
+    wait: Option<u64>,
+}
+
+async fn task_events(
+    caller: Caller,
+    State(inner): State<Shared>,
+    Path(id): Path<u64>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Read)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(q.wait.unwrap_or(10).min(30));
+    loop {
+        // Register for wake-up before looking, so nothing slips between the two.
+        let notified = inner.events_changed.notified();
+        let rec = inner
+            .store
+            .get_task(id)?
+            .ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
+        let results = inner.store.results(id)?;
+        let finished = rec.state != TaskState::Running
+            || results.iter().all(|r| r.state.is_final());
+        let (events, next) = center::events_since(&inner, id, q.after);
+        if !events.is_empty() || finished || tokio::time::Instant::now() >= deadline {
+            let pending = results
+                .iter()
+                .filter(|r| !r.state.is_final())
+                .count();
+            return Ok(Json(json!({
+                "events": events,
+                "next": next,
+                "finished": finished,
+                "pending": pending,
+            })));
+        }
+        let _ = tokio::time::timeout_at(deadline, notified).await;
+    }
+}
+
+async fn cancel_task(
+    caller: Caller,
+    State(inner): State<Shared>,
+    Path(id): Path<u64>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Operator)?;
+    if inner.store.get_task(id)?.is_none() {
+        return Err(ApiError::not_found(format!("no task {id}")));
+    }
+    let told = center::cancel_task(&inner, id)?;
+    Ok(Json(json!({ "id": id, "stopping_on": told })))
+}
+
+#[derive(Debug, Deserialize)]
+struct NewToken {
+    scope: String,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    ttl_ms: Option<u64>,
+    #[serde(default)]
+    one_time: bool,
+    #[serde(default)]
+    note: String,
+}
+
+async fn create_token(
+    caller: Caller,
+    State(inner): State<Shared>,
+    body: Result<Json<NewToken>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require(Scope::Admin)?;
+    let Json(t) = body?;
+    let scope: Scope = t
+        .scope
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("unknown scope {:?}: use admin, operator, read or enroll", t.scope)))?;
+    let mut allow = Vec::new();
+    for c in &t.allow {
+        allow.push(
+            c.parse::<auth::Cidr>()
+                .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        );
+    }
+    let (text, rec) = auth::new_token(
+        scope,
+        allow,
+        t.ttl_ms.map(Duration::from_millis),
+        t.one_time,
+        t.note,
+        proto::now_ms(),
+    );
+    inner.store.put_token(&rec)?;
+    // An enroll token also carries the CA fingerprint the agent must pin.
+    let full = if scope == Scope::Enroll {
+        format!("{text}.{}", center::fingerprint_hex(&inner.ca.fingerprint))
+    } else {
+        text
+    };
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": rec.id, "token": full, "scope": scope.to_string(), "expires_at": rec.expires_at })),
+    ))
+}
+
+async fn list_tokens(caller: Caller, State(inner): State<Shared>) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let tokens: Vec<Value> = inner
+        .store
+        .list_tokens()?
+        .into_iter()
+        .map(|t| {
+            json!({
+                "id": t.id, "scope": t.scope.to_string(), "allow": t.allow,
+                "created_at": t.created_at, "expires_at": t.expires_at,
+                "one_time": t.one_time, "uses": t.uses, "revoked": t.revoked, "note": t.note,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(tokens)))
+}
+
+async fn revoke_token(
+    caller: Caller,
+    State(inner): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Admin)?;
+    if !inner.store.revoke_token(&id)? {
+        return Err(ApiError::not_found(format!("no token {id}")));
+    }
+    Ok(Json(json!({ "id": id, "revoked": true })))
+}
+
+async fn list_audit(
+    caller: Caller,
+    State(inner): State<Shared>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let entries = inner.store.list_audit(q.limit.unwrap_or(100).min(10_000))?;
+    Ok(Json(serde_json::to_value(entries).map_err(ApiError::internal)?))
+}
+
+/// Whether a host state counts as a failure for the CLI's summary and exit code.
+pub fn is_failure(state: HostState) -> bool {
+    matches!(
+        state,
+        HostState::Failed | HostState::TimedOut | HostState::Lost | HostState::Expired
+    )
+}

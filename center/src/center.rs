@@ -1,0 +1,1005 @@
+//! The center's runtime: its CA, the agents' QUIC endpoint, and task dispatch.
+//!
+//! Why it is shaped like this:
+//!
+//! * **The store is the truth.** Every state change (a task queued, delivered,
+//!   finished, cancelled, expired) is one store transaction before anything is sent
+//!   or answered, so a center killed at any instant restarts with every queued entry
+//!   still queued. In-memory state is only the live sessions and the recent output
+//!   of running tasks.
+//! * **At most once per host.** The center may deliver an entry more than once (it
+//!   re-sends everything still queued when an agent reconnects); the agent keeps the
+//!   ids it has started and never runs one twice. An entry leaves a host's queue only
+//!   when its result is stored.
+//! * **One session per host.** A new connection for the same host replaces the old
+//!   one; the host name comes from the certificate the center's CA issued, never from
+//!   what the agent says.
+//! * **Services follow `spawn(config) -> Handle`**, with a CancellationToken and a
+//!   TaskTracker for shutdown, like the transfer engine.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use octopus_agent::proto::{
+    self, code, AgentMsg, CenterMsg, EnrollRequest, EnrollResponse, Outcome, TaskBody,
+    ALPN_CTL, ALPN_ENROLL,
+};
+use octopus_transfer::tls::{self, CertAuthority, Identity, Trust};
+use quinn::{Connection, Endpoint, VarInt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::auth;
+use crate::store::{
+    HostOutcome, HostRecord, HostState, NewTask, RedbStore, Scope, Store, TaskRecord, TaskState,
+};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, Clone)]
+pub struct CenterConfig {
+    /// TCP for the API and UDP for agents, on the same port.
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// How often agents send heartbeats.
+    pub heartbeat: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CenterError {
+    #[error("creating the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("opening the store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("setting up the CA: {0}")]
+    Ca(#[from] tls::TlsError),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("starting the QUIC endpoint: {0}")]
+    Quic(String),
+}
+
+/// One live event of a task, for `octo exec` / `octo task wait` to follow.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskEvent {
+    pub seq: u64,
+    pub host: String,
+    /// "stdout", "stderr", or "state".
+    pub kind: String,
+    /// Output bytes (lossy UTF-8), or the new state's name.
+    pub data: String,
+}
+
+/// Recent events of one task, kept in memory while anyone may follow it.
+#[derive(Debug, Default)]
+struct EventLog {
+    next: u64,
+    events: std::collections::VecDeque<TaskEvent>,
+    bytes: usize,
+}
+
+/// Cap on the output kept in memory per task for followers (the stored result has
+/// its own cap per host and stream).
+const EVENT_LOG_BYTES: usize = 8 << 20;
+
+struct Session {
+    id: u64,
+    tx: mpsc::UnboundedSender<CenterMsg>,
+    kick: Arc<Notify>,
+}
+
+pub(crate) struct Inner {
+    pub store: Arc<dyn Store>,
+    pub ca: CertAuthority,
+    pub heartbeat: Duration,
+    sessions: Mutex<HashMap<String, Session>>,
+    events: Mutex<HashMap<u64, EventLog>>,
+    pub events_changed: Notify,
+    next_session: std::sync::atomic::AtomicU64,
+    pub quic_addr: SocketAddr,
+}
+
+/// A running center.
+#[derive(Debug)]
+pub struct CenterHandle {
+    api_addr: SocketAddr,
+    quic_addr: SocketAddr,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    /// The admin token, only on the start that created it.
+    pub new_admin_token: Option<String>,
+    pub ca_fingerprint: String,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Center").finish_non_exhaustive()
+    }
+}
+
+impl CenterHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+    pub fn cancelled(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+}
+
+const META_CA_CERT: &str = "ca.cert";
+const META_CA_KEY: &str = "ca.key";
+const META_CA_NAME: &str = "ca.name";
+
+fn load_or_create_ca(store: &dyn Store) -> Result<CertAuthority, CenterError> {
+    if let (Some(cert), Some(key), Some(name)) = (
+        store.get_meta(META_CA_CERT)?,
+        store.get_meta(META_CA_KEY)?,
+        store.get_meta(META_CA_NAME)?,
+    ) {
+        let name = String::from_utf8_lossy(&name).into_owned();
+        return Ok(CertAuthority::from_der(cert, &key, name)?);
+    }
+    let ca = CertAuthority::generate()?;
+    store.put_meta(META_CA_KEY, &ca.key_pkcs8())?;
+    store.put_meta(META_CA_NAME, ca.name().as_bytes())?;
+    store.put_meta(META_CA_CERT, &ca.cert)?;
+    Ok(ca)
+}
+
+/// The hex SHA-256 of the CA certificate: what enrollment tokens carry.
+pub fn fingerprint_hex(fp: &tls::Fingerprint) -> String {
+    fp.0.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Starts a center: opens (or creates) its store and CA, binds the API on TCP and the
+/// agents' endpoint on UDP at the same address, and serves until shut down.
+pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| CenterError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&cfg.data_dir.join("center.redb"))?);
+    let ca = load_or_create_ca(store.as_ref())?;
+    store.mark_all_offline(proto::now_ms())?;
+
+    // First start: an admin token, written 0600 and handed back to print once.
+    let mut new_admin_token = None;
+    let token_path = cfg.data_dir.join("admin.token");
+    if store.list_tokens()?.iter().all(|t| t.scope != Scope::Admin) {
+        let (text, rec) = auth::new_token(
+            Scope::Admin,
+            Vec::new(),
+            None,
+            false,
+            "created at first start".into(),
+            proto::now_ms(),
+        );
+        store.put_token(&rec)?;
+        write_private(&token_path, text.as_bytes()).map_err(|source| CenterError::DataDir {
+            path: token_path.clone(),
+            source,
+        })?;
+        new_admin_token = Some(text);
+    }
+
+    // TCP first: with port 0 the kernel picks the port, and UDP takes the same one.
+    let tcp = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| CenterError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let api_addr = tcp.local_addr().map_err(|source| CenterError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+    let identity = ca.issue_identity(tls::CENTER_NAME)?;
+    let endpoint = ctl_endpoint(api_addr, &identity)?;
+    let quic_addr = endpoint.local_addr().map_err(|source| CenterError::Bind {
+        addr: api_addr,
+        source,
+    })?;
+
+    let inner = Arc::new(Inner {
+        store,
+        ca,
+        heartbeat: cfg.heartbeat,
+        sessions: Mutex::new(HashMap::new()),
+        events: Mutex::new(HashMap::new()),
+        events_changed: Notify::new(),
+        next_session: std::sync::atomic::AtomicU64::new(1),
+        quic_addr,
+    });
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let ca_fingerprint = fingerprint_hex(&inner.ca.fingerprint);
+
+    tracker.spawn(accept_loop(
+        inner.clone(),
+        endpoint.clone(),
+        cancel.clone(),
+        tracker.clone(),
+    ));
+    tracker.spawn(sweeper(inner.clone(), cancel.clone()));
+    let app = crate::api::router(inner.clone());
+    let c2 = cancel.clone();
+    tracker.spawn(async move {
+        let serve = axum::serve(
+            tcp,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { c2.cancelled().await });
+        if let Err(e) = serve.await {
+            warn!("API server stopped: {e}");
+        }
+    });
+    let c3 = cancel.clone();
+    tracker.spawn(async move {
+        c3.cancelled().await;
+        endpoint.close(VarInt::from_u32(code::SHUTDOWN), b"center shutting down");
+    });
+    info!(api = %api_addr, quic = %quic_addr, ca = %ca_fingerprint, "center running");
+    Ok(CenterHandle {
+        api_addr,
+        quic_addr,
+        cancel,
+        tracker,
+        new_admin_token,
+        ca_fingerprint,
+    })
+}
+
+fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+fn ctl_endpoint(addr: SocketAddr, id: &Identity) -> Result<Endpoint, CenterError> {
+    // Standalone trust at the TLS layer: enrolling agents present self-signed
+    // certificates. Control connections are checked against the CA right after the
+    // handshake (see `serve_ctl`), before a single message is read.
+    let tls = tls::server_config_alpns(id, &Trust::Standalone, &[ALPN_CTL, ALPN_ENROLL])
+        .map_err(CenterError::Ca)?;
+    octopus_transfer::net::endpoint_with_tls(addr, tls).map_err(|e| CenterError::Quic(e.to_string()))
+}
+
+async fn accept_loop(
+    inner: Arc<Inner>,
+    ep: Endpoint,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = cancel.cancelled() => return,
+            i = ep.accept() => match i { Some(i) => i, None => return },
+        };
+        let inner = inner.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!("handshake failed: {e}");
+                    return;
+                }
+            };
+            let alpn = conn
+                .handshake_data()
+                .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                .and_then(|h| h.protocol);
+            match alpn.as_deref() {
+                Some(ALPN_ENROLL) => serve_enroll(&inner, conn).await,
+                Some(ALPN_CTL) => serve_ctl(inner, conn, cancel).await,
+                _ => conn.close(VarInt::from_u32(code::PROTOCOL), b"unknown ALPN"),
+            }
+        });
+    }
+}
+
+async fn serve_enroll(inner: &Inner, conn: Connection) {
+    let remote = conn.remote_address();
+    let Ok(Ok((mut send, mut recv))) =
+        tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await
+    else {
+        return;
+    };
+    let resp = match proto::read_msg::<EnrollRequest>(&mut recv).await {
+        Ok(Some(req)) => enroll(inner, &conn, req),
+        Ok(None) => return,
+        Err(e) => {
+            warn!(%remote, "closing enrollment connection: {e}");
+            conn.close(VarInt::from_u32(code::PROTOCOL), b"bad enrollment request");
+            return;
+        }
+    };
+    if let EnrollResponse::Refused(why) = &resp {
+        warn!(%remote, "enrollment refused: {why}");
+    }
+    let _ = proto::write_msg(&mut send, &resp).await;
+    let _ = send.finish();
+    let _ = send.stopped().await;
+}
+
+fn enroll(inner: &Inner, conn: &Connection, req: EnrollRequest) -> EnrollResponse {
+    let refuse = |s: String| EnrollResponse::Refused(s);
+    if let Err(e) = validate_host_name(&req.name) {
+        return refuse(e);
+    }
+    let Ok((id, secret)) = auth::parse_token(&req.token) else {
+        return refuse("malformed enrollment token".into());
+    };
+    let now = proto::now_ms();
+    let rec = match inner.store.get_token(&id) {
+        Ok(Some(r)) => r,
+        Ok(None) => return refuse("unknown enrollment token".into()),
+        Err(e) => return refuse(format!("reading the token: {e}")),
+    };
+    if let Err(e) = auth::check(&rec, &secret, Scope::Enroll, conn.remote_address().ip(), now) {
+        return refuse(e.to_string());
+    }
+    // The handshake proved the agent holds the key in this certificate; issue for it.
+    let Some(cert) = tls::peer_cert(conn) else {
+        return refuse("no client certificate".into());
+    };
+    match tls::p256_point_in_cert(&cert) {
+        Some(k) if k == req.public_key.as_slice() => {}
+        _ => return refuse("the public key is not the one of the handshake".into()),
+    }
+    if let Err(e) = inner.store.consume_token(&id, now) {
+        return refuse(e.to_string());
+    }
+    let issued = match inner.ca.issue(&req.name, &req.public_key) {
+        Ok(c) => c,
+        Err(e) => return refuse(e.to_string()),
+    };
+    let fp = tls::Fingerprint::of(&issued);
+    let host = match inner.store.get_host(&req.name) {
+        Ok(Some(mut h)) => {
+            h.fingerprint = fingerprint_hex(&fp);
+            h
+        }
+        _ => HostRecord {
+            name: req.name.clone(),
+            fingerprint: fingerprint_hex(&fp),
+            addrs: Vec::new(),
+            tags: BTreeMap::new(),
+            version: String::new(),
+            enrolled_at: now,
+            last_seen: now,
+            online: false,
+            offline_since: Some(now),
+            resources: None,
+        },
+    };
+    if let Err(e) = inner.store.put_host(&host) {
+        return refuse(format!("recording the host: {e}"));
+    }
+    info!(host = %req.name, "enrolled");
+    EnrollResponse::Ok {
+        cert: issued.to_vec(),
+        ca: inner.ca.cert.to_vec(),
+    }
+}
+
+/// A control session: authenticate by CA chain, then pump the host's queue and
+/// handle what the agent reports.
+async fn serve_ctl(inner: Arc<Inner>, conn: Connection, cancel: CancellationToken) {
+    let remote = conn.remote_address();
+    let host = match tls::peer_cert(&conn)
+        .ok_or_else(|| "no certificate".to_string())
+        .and_then(|c| tls::verify_issued(&c, &inner.ca.cert, true).map_err(|e| e.to_string()))
+    {
+        Ok(h) => h,
+        Err(e) => {
+            warn!(%remote, "closing control connection: {e}");
+            conn.close(VarInt::from_u32(code::UNAUTHORIZED), b"certificate not issued by this center");
+            return;
+        }
+    };
+    // Revocation by re-enrollment: only the newest certificate of a host counts.
+    let fp = tls::peer_fingerprint(&conn).map(|f| fingerprint_hex(&f));
+    match inner.store.get_host(&host) {
+        Ok(Some(h)) if Some(&h.fingerprint) == fp.as_ref() => {}
+        _ => {
+            warn!(%remote, %host, "closing control connection: unknown or superseded certificate");
+            conn.close(VarInt::from_u32(code::UNAUTHORIZED), b"certificate superseded");
+            return;
+        }
+    }
+    let Ok(Ok((mut send, mut recv))) =
+        tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await
+    else {
+        return;
+    };
+    let hello = match proto::read_msg::<AgentMsg>(&mut recv).await {
+        Ok(Some(AgentMsg::Hello {
+            version,
+            addrs,
+            tags,
+            resources,
+        })) => (version, addrs, tags, resources),
+        Ok(_) => {
+            conn.close(VarInt::from_u32(code::PROTOCOL), b"expected hello");
+            return;
+        }
+        Err(e) => {
+            warn!(%remote, %host, "closing control connection: {e}");
+            conn.close(VarInt::from_u32(code::PROTOCOL), b"bad message");
+            return;
+        }
+    };
+    let now = proto::now_ms();
+    if let Ok(Some(mut h)) = inner.store.get_host(&host) {
+        h.version = hello.0;
+        h.addrs = hello.1;
+        h.tags = hello.2.into_iter().collect();
+        h.resources = postcard::to_stdvec(&hello.3).ok();
+        h.online = true;
+        h.offline_since = None;
+        h.last_seen = now;
+        if let Err(e) = inner.store.put_host(&h) {
+            warn!(%host, "recording the host: {e}");
+            return;
+        }
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<CenterMsg>();
+    let kick = Arc::new(Notify::new());
+    let sid = inner
+        .next_session
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Some(old) = inner.sessions.lock().unwrap().insert(
+        host.clone(),
+        Session {
+            id: sid,
+            tx: tx.clone(),
+            kick: kick.clone(),
+        },
+    ) {
+        // The old connection's writer ends when its sender is dropped.
+        drop(old);
+    }
+    info!(%host, %remote, "agent online");
+    let welcome = CenterMsg::Welcome {
+        heartbeat_ms: inner.heartbeat.as_millis() as u64,
+        centers: vec![inner.quic_addr.to_string()],
+    };
+    if proto::write_msg(&mut send, &welcome).await.is_err() {
+        return;
+    }
+    // Writer: everything for this agent goes through one ordered stream.
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if proto::write_msg(&mut send, &m).await.is_err() {
+                break;
+            }
+        }
+    });
+    // Pump: sends the queue in order; re-runs on every kick.
+    let pump = {
+        let inner = inner.clone();
+        let host = host.clone();
+        let tx = tx.clone();
+        let kick = kick.clone();
+        tokio::spawn(async move {
+            let mut sent: HashSet<u64> = HashSet::new();
+            loop {
+                pump_queue(&inner, &host, &tx, &mut sent);
+                kick.notified().await;
+            }
+        })
+    };
+    let dead_after = inner.heartbeat * 3 + Duration::from_secs(2);
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => break,
+            m = tokio::time::timeout(dead_after, proto::read_msg::<AgentMsg>(&mut recv)) => m,
+        };
+        let msg = match msg {
+            Err(_) => {
+                warn!(%host, "no heartbeat for {dead_after:?}: dropping the session");
+                break;
+            }
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => {
+                warn!(%host, "closing control connection: {e}");
+                conn.close(VarInt::from_u32(code::PROTOCOL), b"bad message");
+                break;
+            }
+        };
+        if let Err(e) = handle_agent_msg(&inner, &host, &tx, msg) {
+            warn!(%host, "handling an agent message: {e}");
+        }
+    }
+    pump.abort();
+    writer.abort();
+    let mut sessions = inner.sessions.lock().unwrap();
+    if sessions.get(&host).is_some_and(|s| s.id == sid) {
+        sessions.remove(&host);
+        drop(sessions);
+        let _ = inner.store.set_online(&host, false, proto::now_ms());
+        info!(%host, "agent offline");
+    }
+}
+
+fn pump_queue(inner: &Inner, host: &str, tx: &mpsc::UnboundedSender<CenterMsg>, sent: &mut HashSet<u64>) {
+    let queue = match inner.store.queue_for(host) {
+        Ok(q) => q,
+        Err(e) => {
+            warn!(%host, "reading the queue: {e}");
+            return;
+        }
+    };
+    let now = proto::now_ms();
+    for (_, task) in queue {
+        if sent.contains(&task) {
+            continue;
+        }
+        let Ok(Some(rec)) = inner.store.get_task(task) else {
+            continue;
+        };
+        let expires_at = rec.created_at.saturating_add(rec.ttl_ms);
+        let state = inner
+            .store
+            .results(task)
+            .ok()
+            .and_then(|rs| rs.into_iter().find(|r| r.host == host).map(|r| r.state));
+        if state == Some(HostState::Queued) && now > expires_at {
+            // Never delivered and too old: the TTL applies only to what has not
+            // reached the agent.
+            if inner.store.expire(host, task, now).is_ok() {
+                push_event(inner, task, host, "state", "expired");
+                after_host_final(inner, task);
+            }
+            continue;
+        }
+        let body = match postcard::from_bytes::<TaskBody>(&rec.body) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(task, "undecodable task body: {e}");
+                continue;
+            }
+        };
+        sent.insert(task);
+        let _ = tx.send(CenterMsg::Task {
+            task,
+            body,
+            expires_at,
+        });
+    }
+}
+
+fn handle_agent_msg(
+    inner: &Inner,
+    host: &str,
+    tx: &mpsc::UnboundedSender<CenterMsg>,
+    msg: AgentMsg,
+) -> Result<(), crate::store::StoreError> {
+    let now = proto::now_ms();
+    match msg {
+        AgentMsg::Hello { .. } => {}
+        AgentMsg::Heartbeat(r) => {
+            inner.store.update_heartbeat(
+                host,
+                now,
+                postcard::to_stdvec(&r).unwrap_or_default(),
+                hostinfo_addrs(inner, host),
+            )?;
+        }
+        AgentMsg::Ack { task } => {
+            inner.store.ack_delivery(host, task)?;
+            if inner.store.mark_running(host, task, now)? {
+                push_event(inner, task, host, "state", "running");
+            }
+        }
+        AgentMsg::Output { task, stream, data } => {
+            let kind = match stream {
+                octopus_agent::exec::OutStream::Stdout => "stdout",
+                octopus_agent::exec::OutStream::Stderr => "stderr",
+            };
+            push_event(inner, task, host, kind, &String::from_utf8_lossy(&data));
+        }
+        AgentMsg::Done {
+            task,
+            outcome,
+            started_at,
+            finished_at,
+        } => {
+            let mut r = HostOutcome {
+                state: HostState::Ok,
+                exit_code: None,
+                signal: None,
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+                stdout_truncated: false,
+                stderr_truncated: false,
+                error: None,
+                started_at: Some(started_at),
+                finished_at,
+            };
+            match outcome {
+                Outcome::Ran(x) => {
+                    r.state = if x.timed_out {
+                        HostState::TimedOut
+                    } else if x.exit_code == Some(0) {
+                        HostState::Ok
+                    } else {
+                        HostState::Failed
+                    };
+                    r.exit_code = x.exit_code;
+                    r.signal = x.signal;
+                    r.stdout = x.stdout;
+                    r.stderr = x.stderr;
+                    r.stdout_truncated = x.stdout_truncated;
+                    r.stderr_truncated = x.stderr_truncated;
+                }
+                Outcome::Error(e) => {
+                    r.state = HostState::Failed;
+                    r.error = Some(e);
+                }
+                Outcome::AlreadyRan => {
+                    r.state = HostState::Lost;
+                    r.error = Some(
+                        "the agent had started this task before and lost its result; not run twice"
+                            .into(),
+                    );
+                }
+                Outcome::Cancelled => r.state = HostState::Cancelled,
+            }
+            let state = r.state;
+            let stored = inner.store.finish(host, task, r)?;
+            // Acknowledge even a duplicate report, so the agent forgets it.
+            let _ = tx.send(CenterMsg::DoneAck { task });
+            if stored {
+                push_event(inner, task, host, "state", state_name(state));
+                after_host_final(inner, task);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn state_name(s: HostState) -> &'static str {
+    match s {
+        HostState::Pending => "pending",
+        HostState::Queued => "queued",
+        HostState::Delivered => "delivered",
+        HostState::Running => "running",
+        HostState::Ok => "ok",
+        HostState::Failed => "failed",
+        HostState::TimedOut => "timed-out",
+        HostState::Expired => "expired",
+        HostState::Cancelled => "cancelled",
+        HostState::Lost => "lost",
+    }
+}
+
+/// After a host of `task` reached a final state: release the next wave of a batched
+/// rollout, or stop it when too many hosts failed.
+pub(crate) fn after_host_final(inner: &Inner, task: u64) {
+    let Ok(Some(rec)) = inner.store.get_task(task) else {
+        return;
+    };
+    if rec.state != TaskState::Running {
+        inner.events_changed.notify_waiters();
+        return;
+    }
+    let Ok(results) = inner.store.results(task) else {
+        return;
+    };
+    let failed = results
+        .iter()
+        .filter(|r| matches!(r.state, HostState::Failed | HostState::TimedOut | HostState::Lost))
+        .count() as u32;
+    if let Some(max) = rec.max_failures {
+        if failed > max {
+            let now = proto::now_ms();
+            let pending: Vec<String> = results
+                .iter()
+                .filter(|r| r.state == HostState::Pending)
+                .map(|r| r.host.clone())
+                .collect();
+            if !pending.is_empty() {
+                info!(task, failed, max, "too many failures: stopping the rollout");
+                for h in &pending {
+                    let o = HostOutcome {
+                        state: HostState::Cancelled,
+                        exit_code: None,
+                        signal: None,
+                        stdout: Vec::new(),
+                        stderr: Vec::new(),
+                        stdout_truncated: false,
+                        stderr_truncated: false,
+                        error: Some(format!("rollout stopped after {failed} failures")),
+                        started_at: None,
+                        finished_at: now,
+                    };
+                    if inner.store.finish(h, task, o).unwrap_or(false) {
+                        push_event(inner, task, h, "state", "cancelled");
+                    }
+                }
+            }
+            inner.events_changed.notify_waiters();
+            return;
+        }
+    }
+    if rec.batch > 0 {
+        let active = results
+            .iter()
+            .filter(|r| matches!(r.state, HostState::Queued | HostState::Delivered | HostState::Running))
+            .count() as u32;
+        let free = rec.batch.saturating_sub(active) as usize;
+        let next: Vec<String> = results
+            .iter()
+            .filter(|r| r.state == HostState::Pending)
+            .take(free)
+            .map(|r| r.host.clone())
+            .collect();
+        if !next.is_empty() && inner.store.release(task, &next, proto::now_ms()).is_ok() {
+            for h in &next {
+                push_event(inner, task, h, "state", "queued");
+            }
+            kick_hosts(inner, &next);
+        }
+    }
+    inner.events_changed.notify_waiters();
+}
+
+pub(crate) fn kick_hosts(inner: &Inner, hosts: &[String]) {
+    let sessions = inner.sessions.lock().unwrap();
+    for h in hosts {
+        if let Some(s) = sessions.get(h) {
+            s.kick.notify_one();
+        }
+    }
+}
+
+pub(crate) fn send_to(inner: &Inner, host: &str, msg: CenterMsg) -> bool {
+    let sessions = inner.sessions.lock().unwrap();
+    sessions.get(host).is_some_and(|s| s.tx.send(msg).is_ok())
+}
+
+pub(crate) fn is_online(inner: &Inner, host: &str) -> bool {
+    inner.sessions.lock().unwrap().contains_key(host)
+}
+
+pub(crate) fn push_event(inner: &Inner, task: u64, host: &str, kind: &str, data: &str) {
+    {
+        let mut all = inner.events.lock().unwrap();
+        let log = all.entry(task).or_default();
+        let ev = TaskEvent {
+            seq: log.next,
+            host: host.to_string(),
+            kind: kind.to_string(),
+            data: data.to_string(),
+        };
+        log.next += 1;
+        log.bytes += ev.data.len() + ev.host.len() + 32;
+        log.events.push_back(ev);
+        while log.bytes > EVENT_LOG_BYTES {
+            match log.events.pop_front() {
+                Some(old) => log.bytes -= old.data.len() + old.host.len() + 32,
+                None => break,
+            }
+        }
+    }
+    inner.events_changed.notify_waiters();
+}
+
+/// Events of `task` with `seq >= after`, and the next seq to ask for.
+pub(crate) fn events_since(inner: &Inner, task: u64, after: u64) -> (Vec<TaskEvent>, u64) {
+    let all = inner.events.lock().unwrap();
+    match all.get(&task) {
+        Some(log) => (
+            log.events.iter().filter(|e| e.seq >= after).cloned().collect(),
+            log.next,
+        ),
+        None => (Vec::new(), after),
+    }
+}
+
+/// Once a second: expire queued entries of offline hosts whose TTL passed, and drop
+/// event logs of tasks finished a while ago.
+async fn sweeper(inner: Arc<Inner>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = proto::now_ms();
+        let Ok(tasks) = inner.store.list_tasks(1000) else {
+            continue;
+        };
+        for t in tasks.iter().filter(|t| t.state == TaskState::Running) {
+            if now <= t.created_at.saturating_add(t.ttl_ms) {
+                continue;
+            }
+            let Ok(results) = inner.store.results(t.id) else {
+                continue;
+            };
+            for r in results
+                .iter()
+                .filter(|r| matches!(r.state, HostState::Queued | HostState::Pending))
+            {
+                if inner.store.expire(&r.host, t.id, now).is_ok() {
+                    push_event(&inner, t.id, &r.host, "state", "expired");
+                }
+            }
+            after_host_final(&inner, t.id);
+        }
+        let done: HashSet<u64> = tasks
+            .iter()
+            .filter(|t| t.state != TaskState::Running && now > t.created_at + 3_600_000)
+            .map(|t| t.id)
+            .collect();
+        inner.events.lock().unwrap().retain(|id, _| !done.contains(id));
+    }
+}
+
+/// Creates a task for the hosts `target` selects, queues it durably, and pushes it to
+/// the online hosts. Returns the task record.
+/// What a caller asks for when creating a task.
+#[derive(Debug)]
+pub(crate) struct TaskRequest {
+    pub target: String,
+    pub body: TaskBody,
+    pub summary: String,
+    pub ttl: Duration,
+    pub batch: Batch,
+    pub max_failures: Option<u32>,
+}
+
+pub(crate) fn create_task(
+    inner: &Inner,
+    created_by: &str,
+    req: TaskRequest,
+) -> Result<TaskRecord, crate::api::ApiError> {
+    use crate::api::ApiError;
+    let TaskRequest {
+        target,
+        body,
+        summary,
+        ttl,
+        batch,
+        max_failures,
+    } = req;
+    let target = target.as_str();
+    let body = &body;
+    let t = crate::target::Target::parse(target).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let hosts = inner.store.list_hosts().map_err(ApiError::internal)?;
+    let selected = t.select(hosts.iter().map(|h| (h.name.as_str(), &h.tags)));
+    if selected.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "target {target:?} matches no host"
+        )));
+    }
+    let batch_n = match batch {
+        Batch::All => 0,
+        Batch::Count(n) => n.max(1),
+        Batch::Percent(p) => ((selected.len() as u64 * u64::from(p)).div_ceil(100)).max(1) as u32,
+    };
+    let now = proto::now_ms();
+    let rec = NewTask {
+        created_by: created_by.to_string(),
+        target: target.to_string(),
+        hosts: selected.clone(),
+        body: postcard::to_stdvec(body).expect("task body serializes"),
+        summary,
+        ttl_ms: ttl.as_millis() as u64,
+        batch: batch_n,
+        max_failures,
+    };
+    let id = inner.store.create_task(rec, now).map_err(ApiError::internal)?;
+    let rec = inner
+        .store
+        .get_task(id)
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::internal("the task vanished after creation"))?;
+    for h in &selected {
+        push_event(inner, id, h, "state", if is_online(inner, h) { "queued" } else { "queued-offline" });
+    }
+    kick_hosts(inner, &selected);
+    Ok(rec)
+}
+
+/// How a task rolls out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Batch {
+    All,
+    Count(u32),
+    Percent(u32),
+}
+
+impl std::str::FromStr for Batch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Batch, String> {
+        if let Some(p) = s.strip_suffix('%') {
+            let p: u32 = p.parse().map_err(|_| format!("bad batch percentage {s:?}"))?;
+            if p == 0 || p > 100 {
+                return Err(format!("batch percentage {p} is not in 1..=100"));
+            }
+            Ok(Batch::Percent(p))
+        } else {
+            let n: u32 = s.parse().map_err(|_| format!("bad batch size {s:?}"))?;
+            if n == 0 {
+                return Err("batch size must be at least 1".into());
+            }
+            Ok(Batch::Count(n))
+        }
+    }
+}
+
+/// Cancels a task: hosts not yet final are marked cancelled, and agents running it
+/// are told to stop.
+pub(crate) fn cancel_task(inner: &Inner, id: u64) -> Result<Vec<String>, crate::store::StoreError> {
+    let delivered = inner.store.cancel_task(id, proto::now_ms())?;
+    for h in &delivered {
+        send_to(inner, h, CenterMsg::Cancel { task: id });
+    }
+    if let Ok(rs) = inner.store.results(id) {
+        for r in rs.iter().filter(|r| r.state == HostState::Cancelled) {
+            push_event(inner, id, &r.host, "state", "cancelled");
+        }
+    }
+    inner.events_changed.notify_waiters();
+    Ok(delivered)
+}
+
+/// The addresses a host reported, kept as they were (heartbeats carry none).
+fn hostinfo_addrs(inner: &Inner, host: &str) -> Vec<String> {
+    inner
+        .store
+        .get_host(host)
+        .ok()
+        .flatten()
+        .map(|h| h.addrs)
+        .unwrap_or_default()
+}
+
+/// Host names become certificate names and targets: letters, digits, `-`, `_`, `.`,
+/// 1 to 253 bytes, not starting with `-` or `.`.
+pub fn validate_host_name(name: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() || name.len() > 253 {
+        return Err(format!("host name {name:?} must be 1 to 253 bytes"));
+    }
+    if name.starts_with(['-', '.']) || !name.chars().all(ok_char) {
+        return Err(format!(
+            "host name {name:?} may hold only letters, digits, '-', '_' and '.', and not start with '-' or '.'"
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,658 @@
+//! The control-plane commands: `center`, `agent`, and the API clients (`agents`,
+//! `exec`, `task`, `token`, `audit`).
+//!
+//! The clients are plain blocking HTTP (ureq): they make a handful of calls, and a
+//! long poll follows a task's output, so they need no async runtime. The center is
+//! found through `--center`/`--token`, else `OCTO_CENTER`/`OCTO_TOKEN`, else the
+//! config file (`$XDG_CONFIG_HOME/octo/config` or `~/.config/octo/config`, lines of
+//! `center = URL` and `token = TOKEN`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+#[derive(Args, Debug, Clone)]
+pub struct Conn {
+    /// API address of the center, e.g. http://127.0.0.1:7070 (else OCTO_CENTER, else the config file).
+    #[arg(long, global = true)]
+    pub center: Option<String>,
+    /// API token (else OCTO_TOKEN, else the config file).
+    #[arg(long, global = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TaskCmd {
+    /// The newest tasks.
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One task with every host's state and output.
+    Show {
+        id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a task until every host is done; exits non-zero if any failed.
+    Wait {
+        id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a task: queued hosts never get it, running ones are killed.
+    Cancel {
+        id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Create a token; prints it once.
+    Create {
+        /// admin, operator, read or enroll.
+        #[arg(long)]
+        scope: String,
+        /// Only from these addresses (CIDR, repeatable).
+        #[arg(long)]
+        allow: Vec<String>,
+        /// Expire after this long (e.g. 1h, 30m).
+        #[arg(long, value_parser = crate::parse_duration)]
+        ttl: Option<Duration>,
+        /// Usable once (for enroll tokens).
+        #[arg(long)]
+        one_time: bool,
+        #[arg(long, default_value = "")]
+        note: String,
+        #[arg(long)]
+        json: bool,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Revoke {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// Hosts: all, names, globs (web-*), tag selectors (role=web,idc=bj), comma lists.
+    pub target: String,
+    /// Run as this Unix user (their uid, gid, groups, HOME, clean environment).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Kill the command's whole process group after this long (e.g. 30s).
+    #[arg(long, value_parser = crate::parse_duration)]
+    pub timeout: Option<Duration>,
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// KEY=VALUE, repeatable.
+    #[arg(long)]
+    pub env: Vec<String>,
+    /// Run this script file instead of a command line.
+    #[arg(long)]
+    pub script: Option<PathBuf>,
+    /// shell, python or jar.
+    #[arg(long = "type", default_value = "shell")]
+    pub kind: String,
+    /// Roll out in waves of N hosts or N% of them.
+    #[arg(long)]
+    pub batch: Option<String>,
+    /// Stop the rollout once more than this many hosts failed.
+    #[arg(long)]
+    pub max_failures: Option<u32>,
+    /// Offline hosts still get the task if they return within this long.
+    #[arg(long, default_value = "1h", value_parser = crate::parse_duration)]
+    pub ttl: Duration,
+    /// Print the task id and return at once.
+    #[arg(long = "async")]
+    pub run_async: bool,
+    #[arg(long)]
+    pub json: bool,
+    /// The command (after --); with --type python or jar, the script or jar and its arguments.
+    #[arg(last = true)]
+    pub cmd: Vec<String>,
+}
+
+/// An API client bound to one center and token.
+pub struct Client {
+    base: String,
+    token: String,
+    http: ureq::Agent,
+}
+
+fn config_file() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("octo").join("config"))
+}
+
+fn from_config(key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(config_file()?).ok()?;
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        (k.trim() == key).then(|| v.trim().to_string())
+    })
+}
+
+impl Client {
+    pub fn new(c: &Conn) -> Result<Client> {
+        let base = c
+            .center
+            .clone()
+            .or_else(|| std::env::var("OCTO_CENTER").ok())
+            .or_else(|| from_config("center"))
+            .context("finding the center: pass --center, set OCTO_CENTER or write center = URL in the config file")?;
+        let token = c
+            .token
+            .clone()
+            .or_else(|| std::env::var("OCTO_TOKEN").ok())
+            .or_else(|| from_config("token"))
+            .context("finding a token: pass --token, set OCTO_TOKEN or write token = TOKEN in the config file")?;
+        let base = if base.starts_with("http://") || base.starts_with("https://") {
+            base
+        } else {
+            format!("http://{base}")
+        };
+        let http: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        Ok(Client {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            http,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/api/v1{path}", self.base)
+    }
+
+    fn finish(&self, what: &str, res: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Value> {
+        let mut resp = res.with_context(|| format!("calling the center at {}", self.base))?;
+        let status = resp.status();
+        let body: Value = resp
+            .body_mut()
+            .read_json()
+            .with_context(|| format!("reading the center's answer to {what}"))?;
+        if !status.is_success() {
+            let msg = body["error"].as_str().unwrap_or("no message").to_string();
+            bail!("{what}: the center answered {}: {msg}", status.as_u16());
+        }
+        Ok(body)
+    }
+
+    pub fn get(&self, what: &str, path: &str) -> Result<Value> {
+        let r = self
+            .http
+            .get(self.url(path))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call();
+        self.finish(what, r)
+    }
+
+    pub fn post(&self, what: &str, path: &str, body: &Value) -> Result<Value> {
+        let r = self
+            .http
+            .post(self.url(path))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .send_json(body);
+        self.finish(what, r)
+    }
+}
+
+pub fn agents(conn: &Conn, target: Option<String>, json_out: bool) -> Result<()> {
+    let c = Client::new(conn)?;
+    let path = match &target {
+        Some(t) => format!("/agents?target={}", urlencode(t)),
+        None => "/agents".to_string(),
+    };
+    let v = c.get("listing agents", &path)?;
+    if json_out {
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<8} {:<18} {:<24} {:>6} {:>11} {:>6}",
+        "NAME", "STATUS", "ADDRESS", "TAGS", "CPU%", "MEM", "LOAD1"
+    );
+    for a in v.as_array().into_iter().flatten() {
+        let tags: Vec<String> = a["tags"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+            .collect();
+        let r = &a["resources"];
+        let mem = match (r["mem_used"].as_u64(), r["mem_total"].as_u64()) {
+            (Some(u), Some(t)) if t > 0 => format!("{}/{}M", u >> 20, t >> 20),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<20} {:<8} {:<18} {:<24} {:>6} {:>11} {:>6}",
+            a["name"].as_str().unwrap_or(""),
+            a["status"].as_str().unwrap_or(""),
+            a["addrs"][0].as_str().unwrap_or("-"),
+            tags.join(","),
+            r["cpu_pct"].as_f64().map_or("-".into(), |c| format!("{c:.1}")),
+            mem,
+            r["load1"].as_f64().map_or("-".into(), |l| format!("{l:.2}")),
+        );
+    }
+    Ok(())
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Returns the process exit status: 0 iff every host succeeded.
+pub fn exec(conn: &Conn, a: ExecArgs) -> Result<bool> {
+    let c = Client::new(conn)?;
+    let mut env = Vec::new();
+    for e in &a.env {
+        let (k, v) = e
+            .split_once('=')
+            .with_context(|| format!("reading --env {e:?}: expected KEY=VALUE"))?;
+        env.push(json!([k, v]));
+    }
+    let (command, args, script) = match &a.script {
+        Some(p) => {
+            let body = std::fs::read_to_string(p)
+                .with_context(|| format!("reading the script {}", p.display()))?;
+            (String::new(), a.cmd.clone(), Some(body))
+        }
+        None => {
+            let Some((first, rest)) = a.cmd.split_first() else {
+                bail!("give a command after -- or a --script");
+            };
+            if a.kind == "shell" {
+                // Like ssh and pssh: the words form one shell command line.
+                (a.cmd.join(" "), Vec::new(), None)
+            } else {
+                (first.clone(), rest.to_vec(), None)
+            }
+        }
+    };
+    let body = json!({
+        "target": a.target, "kind": a.kind, "command": command, "args": args,
+        "script": script, "user": a.user, "cwd": a.cwd, "env": env,
+        "timeout_ms": a.timeout.map(|t| t.as_millis() as u64),
+        "ttl_ms": a.ttl.as_millis() as u64, "batch": a.batch, "max_failures": a.max_failures,
+    });
+    let created = c.post("creating the task", "/tasks", &body)?;
+    let id = created["id"].as_u64().context("the center gave no task id")?;
+    if a.run_async {
+        if a.json {
+            println!("{}", json!({"event": "created", "id": id, "hosts": created["hosts"]}));
+        } else {
+            println!("task {id} queued for {} host(s)", created["hosts"].as_array().map_or(0, Vec::len));
+        }
+        return Ok(true);
+    }
+    follow(&c, id, a.json)
+}
+
+/// Prints a task's events until it is finished (or only offline hosts remain), then
+/// a summary. Returns true iff no host failed.
+pub fn follow(c: &Client, id: u64, json_out: bool) -> Result<bool> {
+    let mut after = 0u64;
+    let mut partial: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut offline: BTreeMap<String, bool> = BTreeMap::new();
+    loop {
+        let v = c.get("following the task", &format!("/tasks/{id}/events?after={after}&wait=10"))?;
+        for e in v["events"].as_array().into_iter().flatten() {
+            let host = e["host"].as_str().unwrap_or("").to_string();
+            let kind = e["kind"].as_str().unwrap_or("").to_string();
+            let data = e["data"].as_str().unwrap_or("");
+            if json_out {
+                println!("{}", json!({"event": kind, "host": host, "data": data}));
+                if kind == "state" {
+                    offline.insert(host.clone(), data == "queued-offline");
+                }
+                continue;
+            }
+            if kind == "state" {
+                offline.insert(host.clone(), data == "queued-offline");
+                continue;
+            }
+            // Print whole lines prefixed by the host, like `pssh -i`.
+            let buf = partial.entry((host.clone(), kind.clone())).or_default();
+            buf.push_str(data);
+            while let Some(nl) = buf.find('\n') {
+                let line: String = buf.drain(..=nl).collect();
+                let line = line.trim_end_matches('\n');
+                if kind == "stderr" {
+                    eprintln!("{host}: {line}");
+                } else {
+                    println!("{host}: {line}");
+                }
+            }
+        }
+        after = v["next"].as_u64().unwrap_or(after);
+        let pending = v["pending"].as_u64().unwrap_or(0) as usize;
+        let offline_pending = offline.values().filter(|o| **o).count();
+        if v["finished"].as_bool() == Some(true) || (pending > 0 && pending <= offline_pending && v["events"].as_array().is_some_and(Vec::is_empty)) {
+            break;
+        }
+        if pending == 0 && v["finished"].as_bool() != Some(false) {
+            break;
+        }
+    }
+    for ((host, kind), rest) in partial {
+        if !rest.is_empty() && !json_out {
+            if kind == "stderr" {
+                eprintln!("{host}: {rest}");
+            } else {
+                println!("{host}: {rest}");
+            }
+        }
+    }
+    summary(c, id, json_out)
+}
+
+fn summary(c: &Client, id: u64, json_out: bool) -> Result<bool> {
+    let t = c.get("reading the task", &format!("/tasks/{id}"))?;
+    let mut ok = 0;
+    let mut failed = Vec::new();
+    let mut timed_out = Vec::new();
+    let mut offline = Vec::new();
+    let mut other = Vec::new();
+    for h in t["hosts"].as_array().into_iter().flatten() {
+        let name = h["host"].as_str().unwrap_or("").to_string();
+        match h["state"].as_str().unwrap_or("") {
+            "ok" => ok += 1,
+            "failed" | "lost" => {
+                let why = h["error"].as_str().map(str::to_string).unwrap_or_else(|| {
+                    match (h["exit_code"].as_i64(), h["signal"].as_i64()) {
+                        (Some(c), _) => format!("exit code {c}"),
+                        (_, Some(s)) => format!("killed by signal {s}"),
+                        _ => "failed".into(),
+                    }
+                });
+                failed.push((name, why));
+            }
+            "timed-out" => timed_out.push(name),
+            "queued" | "pending" | "expired" => offline.push(name),
+            s => other.push((name, s.to_string())),
+        }
+    }
+    let all_ok = failed.is_empty() && timed_out.is_empty() && offline.is_empty() && other.iter().all(|(_, s)| s == "cancelled");
+    if json_out {
+        println!(
+            "{}",
+            json!({"event": "summary", "id": id, "ok": ok, "failed": failed.len(),
+                   "timed_out": timed_out.len(), "offline": offline.len(), "task": t})
+        );
+    } else {
+        eprintln!(
+            "task {id}: {ok} ok, {} failed, {} timed out, {} offline",
+            failed.len(),
+            timed_out.len(),
+            offline.len()
+        );
+        for (h, why) in &failed {
+            eprintln!("  failed     {h}: {why}");
+        }
+        for h in &timed_out {
+            eprintln!("  timed out  {h}");
+        }
+        for h in &offline {
+            eprintln!("  offline    {h} (gets the task if it returns within the TTL)");
+        }
+        for (h, s) in &other {
+            eprintln!("  {s:<10} {h}");
+        }
+    }
+    Ok(all_ok && !other.iter().any(|(_, s)| s != "cancelled"))
+}
+
+pub fn task(conn: &Conn, cmd: TaskCmd) -> Result<bool> {
+    let c = Client::new(conn)?;
+    match cmd {
+        TaskCmd::List { limit, json } => {
+            let v = c.get("listing tasks", &format!("/tasks?limit={limit}"))?;
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("{:>6} {:<10} {:<16} {:<30} COUNTS", "ID", "STATE", "TARGET", "SUMMARY");
+                for t in v.as_array().into_iter().flatten() {
+                    let counts: Vec<String> = t["counts"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|(k, n)| format!("{k}={n}"))
+                        .collect();
+                    println!(
+                        "{:>6} {:<10} {:<16} {:<30} {}",
+                        t["id"],
+                        t["state"].as_str().unwrap_or(""),
+                        t["target"].as_str().unwrap_or(""),
+                        t["summary"].as_str().unwrap_or(""),
+                        counts.join(" ")
+                    );
+                }
+            }
+            Ok(true)
+        }
+        TaskCmd::Show { id, json } => {
+            let v = c.get("reading the task", &format!("/tasks/{id}"))?;
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("task {id}: {} on {} ({})", v["summary"].as_str().unwrap_or(""), v["target"].as_str().unwrap_or(""), v["state"].as_str().unwrap_or(""));
+                for h in v["hosts"].as_array().into_iter().flatten() {
+                    println!("--- {} [{}] exit={} signal={}", h["host"].as_str().unwrap_or(""), h["state"].as_str().unwrap_or(""), h["exit_code"], h["signal"]);
+                    print!("{}", h["stdout"].as_str().unwrap_or(""));
+                    eprint!("{}", h["stderr"].as_str().unwrap_or(""));
+                    if let Some(e) = h["error"].as_str() {
+                        println!("error: {e}");
+                    }
+                }
+            }
+            Ok(true)
+        }
+        TaskCmd::Wait { id, json } => follow(&c, id, json),
+        TaskCmd::Cancel { id, json } => {
+            let v = c.post("cancelling the task", &format!("/tasks/{id}/cancel"), &json!({}))?;
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("task {id} cancelled");
+            }
+            Ok(true)
+        }
+    }
+}
+
+pub fn token(conn: &Conn, cmd: TokenCmd) -> Result<()> {
+    let c = Client::new(conn)?;
+    match cmd {
+        TokenCmd::Create { scope, allow, ttl, one_time, note, json } => {
+            let v = c.post(
+                "creating the token",
+                "/tokens",
+                &json!({"scope": scope, "allow": allow, "ttl_ms": ttl.map(|t| t.as_millis() as u64),
+                        "one_time": one_time, "note": note}),
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("{}", v["token"].as_str().unwrap_or(""));
+            }
+        }
+        TokenCmd::List { json } => {
+            let v = c.get("listing tokens", "/tokens")?;
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("{:<18} {:<9} {:<8} {:>5} {:<20} NOTE", "ID", "SCOPE", "STATE", "USES", "ALLOW");
+                for t in v.as_array().into_iter().flatten() {
+                    let state = if t["revoked"].as_bool() == Some(true) { "revoked" } else { "active" };
+                    let allow: Vec<&str> = t["allow"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                    println!(
+                        "{:<18} {:<9} {:<8} {:>5} {:<20} {}",
+                        t["id"].as_str().unwrap_or(""),
+                        t["scope"].as_str().unwrap_or(""),
+                        state,
+                        t["uses"],
+                        if allow.is_empty() { "any".to_string() } else { allow.join(",") },
+                        t["note"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        TokenCmd::Revoke { id, json } => {
+            let v = c.post("revoking the token", &format!("/tokens/{id}/revoke"), &json!({}))?;
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("token {id} revoked");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn audit(conn: &Conn, limit: usize, json_out: bool) -> Result<()> {
+    let c = Client::new(conn)?;
+    let v = c.get("reading the audit log", &format!("/audit?limit={limit}"))?;
+    if json_out {
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
+    for e in v.as_array().into_iter().flatten() {
+        println!(
+            "{} {:<18} {:<22} {:<6} {:<32} {}",
+            e["at"],
+            e["token"].as_str().unwrap_or(""),
+            e["addr"].as_str().unwrap_or(""),
+            e["method"].as_str().unwrap_or(""),
+            e["path"].as_str().unwrap_or(""),
+            e["status"]
+        );
+    }
+    Ok(())
+}
+
+fn default_dir(which: &str) -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("octopus").join(which)
+}
+
+pub async fn center(listen: SocketAddr, data_dir: Option<PathBuf>, heartbeat: Duration, json_out: bool) -> Result<()> {
+    let data_dir = data_dir.unwrap_or_else(|| default_dir("center"));
+    let h = octopus_center::center::spawn(octopus_center::center::CenterConfig {
+        listen,
+        data_dir: data_dir.clone(),
+        heartbeat,
+    })
+    .await
+    .context("starting the center")?;
+    let api = format!("http://{}", h.local_addr());
+    if json_out {
+        println!(
+            "{}",
+            json!({"event": "ready", "api": api, "agents": h.quic_addr().to_string(),
+                   "ca_fingerprint": h.ca_fingerprint, "admin_token": h.new_admin_token,
+                   "data_dir": data_dir})
+        );
+    } else {
+        eprintln!("center listening: API {api} (TCP), agents {} (UDP)", h.quic_addr());
+        eprintln!("data in {}; CA fingerprint {}", data_dir.display(), h.ca_fingerprint);
+        if let Some(t) = &h.new_admin_token {
+            eprintln!("admin token (shown once, also in {}):", data_dir.join("admin.token").display());
+            println!("{t}");
+        }
+        eprintln!("to enroll an agent:");
+        eprintln!("  export OCTO_CENTER={api} OCTO_TOKEN=$(cat {})", data_dir.join("admin.token").display());
+        eprintln!("  octo agent --center {} --token $(octo token create --scope enroll --ttl 1h)", h.local_addr());
+    }
+    let stop = h.cancelled();
+    tokio::select! {
+        _ = crate::interrupted() => {}
+        _ = stop.cancelled() => {}
+    }
+    h.shutdown().await;
+    if json_out {
+        println!("{}", json!({"event": "stopped"}));
+    }
+    Ok(())
+}
+
+pub struct AgentOpts {
+    pub center: String,
+    pub token: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub name: Option<String>,
+    pub tags: Vec<String>,
+    pub json: bool,
+}
+
+pub async fn agent(o: AgentOpts) -> Result<()> {
+    let addr_text = o
+        .center
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .trim_end_matches('/');
+    let center = tokio::net::lookup_host(addr_text)
+        .await
+        .with_context(|| format!("resolving the center address {addr_text:?}"))?
+        .next()
+        .with_context(|| format!("resolving the center address {addr_text:?}: no address"))?;
+    let mut tags = Vec::new();
+    for t in &o.tags {
+        let (k, v) = t
+            .split_once('=')
+            .with_context(|| format!("reading --tag {t:?}: expected KEY=VALUE"))?;
+        tags.push((k.to_string(), v.to_string()));
+    }
+    let name = o.name.unwrap_or_else(octopus_agent::hostinfo::hostname);
+    let data_dir = o.data_dir.unwrap_or_else(|| default_dir("agent"));
+    let started = Instant::now();
+    let h = octopus_agent::daemon::spawn(octopus_agent::daemon::AgentConfig {
+        center,
+        enroll_token: o.token,
+        data_dir: data_dir.clone(),
+        name: name.clone(),
+        tags,
+    })
+    .await
+    .context("starting the agent")?;
+    if o.json {
+        println!(
+            "{}",
+            json!({"event": "ready", "name": name, "center": center.to_string(), "data_dir": data_dir,
+                   "startup_ms": started.elapsed().as_millis() as u64})
+        );
+    } else {
+        eprintln!("agent {name} running; center {center}; data in {}", data_dir.display());
+    }
+    crate::interrupted().await;
+    h.shutdown().await;
+    Ok(())
+}
