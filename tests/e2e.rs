@@ -10,6 +10,8 @@ use octopus_transfer::frame::{self, code, Frame, ALPN};
 use octopus_transfer::manifest::{hex, md5_file, ContentId};
 use octopus_transfer::ticket::Ticket;
 
+mod control;
+
 const T: Duration = Duration::from_secs(60);
 
 fn bin() -> PathBuf {

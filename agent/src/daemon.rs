@@ -565,6 +565,9 @@ mod tests {
         assert!(j.pending_results().is_empty());
         j.start(12).unwrap();
         let j = Journal::open(d.path()).unwrap();
-        assert!(j.started.contains(&12), "records stay aligned after a torn tail");
+        assert!(
+            j.started.contains(&12),
+            "records stay aligned after a torn tail"
+        );
     }
 }

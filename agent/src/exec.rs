@@ -331,6 +331,11 @@ where
             if gone || k <= now {
                 if !gone {
                     signal_group(pgid, libc::SIGKILL);
+                    // The child is its group's leader and cannot leave it, but a
+                    // direct kill costs nothing if it somehow did.
+                    if status.is_none() {
+                        let _ = child.start_kill();
+                    }
                 }
                 kill_at = None;
                 abandon_at = Some(now + DRAIN_GRACE);
@@ -545,7 +550,7 @@ impl ChildSetup {
         // SAFETY: plain system calls on data owned by `self`; the group list pointer
         // and length describe a live Vec and the cwd is NUL-terminated.
         unsafe {
-            // check(libc::setsid())?;
+            check(libc::setsid())?;
             if let Some(c) = &self.creds {
                 check(libc::setgroups(c.groups.len() as _, c.groups.as_ptr()))?;
                 check(libc::setgid(c.gid))?;
@@ -586,14 +591,51 @@ fn signal_group(pgid: libc::pid_t, signal: libc::c_int) {
     }
 }
 
-/// No process (not even a zombie) is left in the group.
+/// Every process of the group has died. Zombies count as dead: they hold no pipes
+/// and run no code, and on hosts whose init reaps orphans lazily (or never, as in
+/// some containers) waiting for them to vanish would always cost the full grace.
 fn group_is_gone(pgid: libc::pid_t) -> bool {
     if pgid <= 0 {
         return true;
     }
     // SAFETY: signal 0 only checks for existence and permission.
     let rc = unsafe { libc::killpg(pgid, 0) };
-    rc == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+    if rc == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        return true;
+    }
+    // Members remain; if `/proc` cannot tell whether they are zombies, assume not.
+    group_has_live_member(Path::new("/proc"), pgid) == Some(false)
+}
+
+/// Scans `proc` for a process in group `pgid` that is not a zombie. A zombie thread
+/// group leader whose other threads still run counts as live. `None`: `proc`
+/// cannot be listed.
+fn group_has_live_member(proc: &Path, pgid: libc::pid_t) -> Option<bool> {
+    for entry in std::fs::read_dir(proc).ok()?.flatten() {
+        if !entry.file_name().as_bytes().iter().all(u8::is_ascii_digit) {
+            continue;
+        }
+        // The process may exit while we look; then it is not a live member.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command name: state, ppid, pgrp, ...
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("");
+        let pgrp = fields.nth(1).and_then(|f| f.parse::<libc::pid_t>().ok());
+        if pgrp != Some(pgid) {
+            continue;
+        }
+        let zombie = matches!(state, "Z" | "X" | "x");
+        let threads = std::fs::read_dir(entry.path().join("task")).map_or(0, Iterator::count);
+        if !zombie || threads > 1 {
+            return Some(true);
+        }
+    }
+    Some(false)
 }
 
 async fn read_some<R: AsyncRead + Unpin>(
@@ -692,6 +734,7 @@ mod tests {
     use super::*;
 
     use std::collections::{BTreeSet, HashMap};
+    use std::os::unix::process::CommandExt;
     use std::process::Command as StdCommand;
     use std::time::Instant as StdInstant;
 
@@ -799,6 +842,11 @@ mod tests {
         let took = began.elapsed();
         assert!(took < Duration::from_secs(5), "took {took:?}");
         assert!(took >= Duration::from_millis(500), "took {took:?}");
+        // Everything died on SIGTERM, so no waiting for the SIGKILL.
+        assert!(
+            took < Duration::from_millis(500) + KILL_GRACE,
+            "took {took:?}"
+        );
         assert!(r.timed_out);
         assert_eq!(r.exit_code, None);
         assert_eq!(r.signal, Some(libc::SIGTERM));
@@ -876,6 +924,40 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(is_dead(pid), "{pid} survived a dropped run");
+    }
+
+    #[test]
+    fn zombie_members_count_as_gone() {
+        let mut child = StdCommand::new("sleep")
+            .arg("300")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pgid = child.id() as libc::pid_t;
+        assert!(!group_is_gone(pgid));
+        assert_eq!(group_has_live_member(Path::new("/proc"), pgid), Some(true));
+        // SAFETY: plain kill of the test's own child.
+        unsafe { libc::kill(pgid, libc::SIGKILL) };
+        // Not reaped yet: the group's only member is a zombie.
+        let until = StdInstant::now() + Duration::from_secs(2);
+        while !group_is_gone(pgid) && StdInstant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(group_is_gone(pgid));
+        assert!(!is_dead_by_kill(pgid), "the zombie is still there");
+        child.wait().unwrap();
+        assert!(is_dead_by_kill(pgid));
+        assert_eq!(
+            group_has_live_member(Path::new("/nonexistent-octo-proc"), pgid),
+            None
+        );
+    }
+
+    /// `kill(pid, 0)` fails with ESRCH: not even a zombie is left.
+    fn is_dead_by_kill(pid: libc::pid_t) -> bool {
+        // SAFETY: signal 0 only checks for existence.
+        let rc = unsafe { libc::kill(pid, 0) };
+        rc == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
     }
 
     #[tokio::test]

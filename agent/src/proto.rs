@@ -57,7 +57,10 @@ pub struct EnrollRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EnrollResponse {
     /// The agent's certificate, and the CA's to trust from now on.
-    Ok { cert: Vec<u8>, ca: Vec<u8> },
+    Ok {
+        cert: Vec<u8>,
+        ca: Vec<u8>,
+    },
     Refused(String),
 }
 
@@ -93,7 +96,9 @@ pub enum AgentMsg {
     },
     Heartbeat(Resources),
     /// The task arrived and is accepted (it will run, or has run: see its result).
-    Ack { task: u64 },
+    Ack {
+        task: u64,
+    },
     /// Live output.
     Output {
         task: u64,
@@ -123,9 +128,13 @@ pub enum CenterMsg {
         /// Unix ms after which the task must not start.
         expires_at: u64,
     },
-    Cancel { task: u64 },
+    Cancel {
+        task: u64,
+    },
     /// The result of this task is stored: the agent may forget it.
-    DoneAck { task: u64 },
+    DoneAck {
+        task: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +175,10 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProtoError> {
 
 /// Decode one message from the front of `buf`: `Ok(None)` if more bytes are needed.
 /// A length over `cap` is refused before the body arrives.
-pub fn decode<T: DeserializeOwned>(buf: &[u8], cap: usize) -> Result<Option<(T, usize)>, ProtoError> {
+pub fn decode<T: DeserializeOwned>(
+    buf: &[u8],
+    cap: usize,
+) -> Result<Option<(T, usize)>, ProtoError> {
     if buf.len() < 4 {
         return Ok(None);
     }
@@ -251,7 +263,9 @@ mod tests {
     #[test]
     fn garbage_is_an_error_not_a_panic() {
         for seed in 0u8..=255 {
-            let body: Vec<u8> = (0..64).map(|i| seed.wrapping_mul(31).wrapping_add(i)).collect();
+            let body: Vec<u8> = (0..64)
+                .map(|i| seed.wrapping_mul(31).wrapping_add(i))
+                .collect();
             let _ = decode_body::<AgentMsg>(&body);
             let _ = decode_body::<CenterMsg>(&body);
         }

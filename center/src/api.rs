@@ -134,7 +134,9 @@ impl FromRequestParts<Shared> for Caller {
             .to_str()
             .ok()
             .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| ApiError::unauthorized("the Authorization header is not a Bearer token"))?;
+            .ok_or_else(|| {
+                ApiError::unauthorized("the Authorization header is not a Bearer token")
+            })?;
         let (id, secret) =
             auth::parse_token(text.trim()).map_err(|e| ApiError::unauthorized(e.to_string()))?;
         let rec = state
@@ -147,14 +149,13 @@ impl FromRequestParts<Shared> for Caller {
             ));
         }
         // Scope is checked per handler; here only identity, validity and address.
-        auth::check(&rec, &secret, rec.scope, addr.ip(), proto::now_ms())
-            .map_err(|e| {
-                if e.is_forbidden() {
-                    ApiError::forbidden(e.to_string())
-                } else {
-                    ApiError::unauthorized(e.to_string())
-                }
-            })?;
+        auth::check(&rec, &secret, rec.scope, addr.ip(), proto::now_ms()).map_err(|e| {
+            if e.is_forbidden() {
+                ApiError::forbidden(e.to_string())
+            } else {
+                ApiError::unauthorized(e.to_string())
+            }
+        })?;
         Ok(Caller {
             token_id: id,
             scope: rec.scope,
@@ -255,7 +256,8 @@ async fn list_agents(
     let hosts = inner.store.list_hosts()?;
     let selected: Option<std::collections::HashSet<String>> = match &q.target {
         Some(t) => {
-            let t = crate::target::Target::parse(t).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let t = crate::target::Target::parse(t)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
             let s: std::collections::HashSet<String> = t
                 .select(hosts.iter().map(|h| (h.name.as_str(), &h.tags)))
                 .into_iter()
@@ -276,7 +278,11 @@ async fn list_agents(
         .map(|h| {
             let online = center::is_online(&inner, &h.name);
             AgentView {
-                status: if online { "online".into() } else { "offline".into() },
+                status: if online {
+                    "online".into()
+                } else {
+                    "offline".into()
+                },
                 online,
                 offline_since: if online { None } else { h.offline_since },
                 resources: h
@@ -337,13 +343,19 @@ async fn create_task(
         "shell" => ExecKind::Shell,
         "python" => ExecKind::Python,
         "jar" => ExecKind::Jar,
-        k => return Err(ApiError::bad_request(format!("unknown kind {k:?}: use shell, python or jar"))),
+        k => {
+            return Err(ApiError::bad_request(format!(
+                "unknown kind {k:?}: use shell, python or jar"
+            )))
+        }
     };
     if t.command.is_empty() && t.script.is_none() {
         return Err(ApiError::bad_request("give a command or a script"));
     }
     if t.script.as_ref().is_some_and(|s| s.len() > MAX_SCRIPT) {
-        return Err(ApiError::bad_request(format!("a script may hold at most {MAX_SCRIPT} bytes")));
+        return Err(ApiError::bad_request(format!(
+            "a script may hold at most {MAX_SCRIPT} bytes"
+        )));
     }
     let batch = match &t.batch {
         Some(b) => b.parse::<Batch>().map_err(ApiError::bad_request)?,
@@ -417,8 +429,16 @@ fn task_json(inner: &Inner, id: u64, with_output: bool) -> Result<Value, ApiErro
                 state,
                 exit_code: r.exit_code,
                 signal: r.signal,
-                stdout: if with_output { String::from_utf8_lossy(&r.stdout).into_owned() } else { String::new() },
-                stderr: if with_output { String::from_utf8_lossy(&r.stderr).into_owned() } else { String::new() },
+                stdout: if with_output {
+                    String::from_utf8_lossy(&r.stdout).into_owned()
+                } else {
+                    String::new()
+                },
+                stderr: if with_output {
+                    String::from_utf8_lossy(&r.stderr).into_owned()
+                } else {
+                    String::new()
+                },
                 stdout_truncated: r.stdout_truncated,
                 stderr_truncated: r.stderr_truncated,
                 error: r.error,
@@ -496,14 +516,11 @@ async fn task_events(
             .get_task(id)?
             .ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
         let results = inner.store.results(id)?;
-        let finished = rec.state != TaskState::Running
-            || results.iter().all(|r| r.state.is_final());
+        let finished =
+            rec.state != TaskState::Running || results.iter().all(|r| r.state.is_final());
         let (events, next) = center::events_since(&inner, id, q.after);
         if !events.is_empty() || finished || tokio::time::Instant::now() >= deadline {
-            let pending = results
-                .iter()
-                .filter(|r| !r.state.is_final())
-                .count();
+            let pending = results.iter().filter(|r| !r.state.is_final()).count();
             return Ok(Json(json!({
                 "events": events,
                 "next": next,
@@ -548,10 +565,12 @@ async fn create_token(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller.require(Scope::Admin)?;
     let Json(t) = body?;
-    let scope: Scope = t
-        .scope
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("unknown scope {:?}: use admin, operator, read or enroll", t.scope)))?;
+    let scope: Scope = t.scope.parse().map_err(|_| {
+        ApiError::bad_request(format!(
+            "unknown scope {:?}: use admin, operator, read or enroll",
+            t.scope
+        ))
+    })?;
     let mut allow = Vec::new();
     for c in &t.allow {
         allow.push(
@@ -576,7 +595,9 @@ async fn create_token(
     };
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "id": rec.id, "token": full, "scope": scope.to_string(), "expires_at": rec.expires_at })),
+        Json(
+            json!({ "id": rec.id, "token": full, "scope": scope.to_string(), "expires_at": rec.expires_at }),
+        ),
     ))
 }
 
@@ -616,7 +637,9 @@ async fn list_audit(
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Scope::Admin)?;
     let entries = inner.store.list_audit(q.limit.unwrap_or(100).min(10_000))?;
-    Ok(Json(serde_json::to_value(entries).map_err(ApiError::internal)?))
+    Ok(Json(
+        serde_json::to_value(entries).map_err(ApiError::internal)?,
+    ))
 }
 
 /// Whether a host state counts as a failure for the CLI's summary and exit code.

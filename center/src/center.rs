@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use octopus_agent::proto::{
-    self, code, AgentMsg, CenterMsg, EnrollRequest, EnrollResponse, Outcome, TaskBody,
-    ALPN_CTL, ALPN_ENROLL,
+    self, code, AgentMsg, CenterMsg, EnrollRequest, EnrollResponse, Outcome, TaskBody, ALPN_CTL,
+    ALPN_ENROLL,
 };
 use octopus_transfer::tls::{self, CertAuthority, Identity, Trust};
 use quinn::{Connection, Endpoint, VarInt};
@@ -244,11 +244,8 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
     let app = crate::api::router(inner.clone());
     let c2 = cancel.clone();
     tracker.spawn(async move {
-        let serve = axum::serve(
-            tcp,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { c2.cancelled().await });
+        let serve = axum::serve(tcp, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move { c2.cancelled().await });
         if let Err(e) = serve.await {
             warn!("API server stopped: {e}");
         }
@@ -291,7 +288,8 @@ fn ctl_endpoint(addr: SocketAddr, id: &Identity) -> Result<Endpoint, CenterError
     // handshake (see `serve_ctl`), before a single message is read.
     let tls = tls::server_config_alpns(id, &Trust::Standalone, &[ALPN_CTL, ALPN_ENROLL])
         .map_err(CenterError::Ca)?;
-    octopus_transfer::net::endpoint_with_tls(addr, tls).map_err(|e| CenterError::Quic(e.to_string()))
+    octopus_transfer::net::endpoint_with_tls(addr, tls)
+        .map_err(|e| CenterError::Quic(e.to_string()))
 }
 
 async fn accept_loop(
@@ -366,7 +364,13 @@ fn enroll(inner: &Inner, conn: &Connection, req: EnrollRequest) -> EnrollRespons
         Ok(None) => return refuse("unknown enrollment token".into()),
         Err(e) => return refuse(format!("reading the token: {e}")),
     };
-    if let Err(e) = auth::check(&rec, &secret, Scope::Enroll, conn.remote_address().ip(), now) {
+    if let Err(e) = auth::check(
+        &rec,
+        &secret,
+        Scope::Enroll,
+        conn.remote_address().ip(),
+        now,
+    ) {
         return refuse(e.to_string());
     }
     // The handshake proved the agent holds the key in this certificate; issue for it.
@@ -424,7 +428,10 @@ async fn serve_ctl(inner: Arc<Inner>, conn: Connection, cancel: CancellationToke
         Ok(h) => h,
         Err(e) => {
             warn!(%remote, "closing control connection: {e}");
-            conn.close(VarInt::from_u32(code::UNAUTHORIZED), b"certificate not issued by this center");
+            conn.close(
+                VarInt::from_u32(code::UNAUTHORIZED),
+                b"certificate not issued by this center",
+            );
             return;
         }
     };
@@ -434,7 +441,10 @@ async fn serve_ctl(inner: Arc<Inner>, conn: Connection, cancel: CancellationToke
         Ok(Some(h)) if Some(&h.fingerprint) == fp.as_ref() => {}
         _ => {
             warn!(%remote, %host, "closing control connection: unknown or superseded certificate");
-            conn.close(VarInt::from_u32(code::UNAUTHORIZED), b"certificate superseded");
+            conn.close(
+                VarInt::from_u32(code::UNAUTHORIZED),
+                b"certificate superseded",
+            );
             return;
         }
     }
@@ -554,7 +564,12 @@ async fn serve_ctl(inner: Arc<Inner>, conn: Connection, cancel: CancellationToke
     }
 }
 
-fn pump_queue(inner: &Inner, host: &str, tx: &mpsc::UnboundedSender<CenterMsg>, sent: &mut HashSet<u64>) {
+fn pump_queue(
+    inner: &Inner,
+    host: &str,
+    tx: &mpsc::UnboundedSender<CenterMsg>,
+    sent: &mut HashSet<u64>,
+) {
     let queue = match inner.store.queue_for(host) {
         Ok(q) => q,
         Err(e) => {
@@ -721,7 +736,12 @@ pub(crate) fn after_host_final(inner: &Inner, task: u64) {
     };
     let failed = results
         .iter()
-        .filter(|r| matches!(r.state, HostState::Failed | HostState::TimedOut | HostState::Lost))
+        .filter(|r| {
+            matches!(
+                r.state,
+                HostState::Failed | HostState::TimedOut | HostState::Lost
+            )
+        })
         .count() as u32;
     if let Some(max) = rec.max_failures {
         if failed > max {
@@ -758,7 +778,12 @@ pub(crate) fn after_host_final(inner: &Inner, task: u64) {
     if rec.batch > 0 {
         let active = results
             .iter()
-            .filter(|r| matches!(r.state, HostState::Queued | HostState::Delivered | HostState::Running))
+            .filter(|r| {
+                matches!(
+                    r.state,
+                    HostState::Queued | HostState::Delivered | HostState::Running
+                )
+            })
             .count() as u32;
         let free = rec.batch.saturating_sub(active) as usize;
         let next: Vec<String> = results
@@ -823,7 +848,11 @@ pub(crate) fn events_since(inner: &Inner, task: u64, after: u64) -> (Vec<TaskEve
     let all = inner.events.lock().unwrap();
     match all.get(&task) {
         Some(log) => (
-            log.events.iter().filter(|e| e.seq >= after).cloned().collect(),
+            log.events
+                .iter()
+                .filter(|e| e.seq >= after)
+                .cloned()
+                .collect(),
             log.next,
         ),
         None => (Vec::new(), after),
@@ -865,7 +894,11 @@ async fn sweeper(inner: Arc<Inner>, cancel: CancellationToken) {
             .filter(|t| t.state != TaskState::Running && now > t.created_at + 3_600_000)
             .map(|t| t.id)
             .collect();
-        inner.events.lock().unwrap().retain(|id, _| !done.contains(id));
+        inner
+            .events
+            .lock()
+            .unwrap()
+            .retain(|id, _| !done.contains(id));
     }
 }
 
@@ -898,7 +931,8 @@ pub(crate) fn create_task(
     } = req;
     let target = target.as_str();
     let body = &body;
-    let t = crate::target::Target::parse(target).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let t =
+        crate::target::Target::parse(target).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let hosts = inner.store.list_hosts().map_err(ApiError::internal)?;
     let selected = t.select(hosts.iter().map(|h| (h.name.as_str(), &h.tags)));
     if selected.is_empty() {
@@ -922,14 +956,27 @@ pub(crate) fn create_task(
         batch: batch_n,
         max_failures,
     };
-    let id = inner.store.create_task(rec, now).map_err(ApiError::internal)?;
+    let id = inner
+        .store
+        .create_task(rec, now)
+        .map_err(ApiError::internal)?;
     let rec = inner
         .store
         .get_task(id)
         .map_err(ApiError::internal)?
         .ok_or_else(|| ApiError::internal("the task vanished after creation"))?;
     for h in &selected {
-        push_event(inner, id, h, "state", if is_online(inner, h) { "queued" } else { "queued-offline" });
+        push_event(
+            inner,
+            id,
+            h,
+            "state",
+            if is_online(inner, h) {
+                "queued"
+            } else {
+                "queued-offline"
+            },
+        );
     }
     kick_hosts(inner, &selected);
     Ok(rec)
@@ -947,7 +994,9 @@ impl std::str::FromStr for Batch {
     type Err = String;
     fn from_str(s: &str) -> Result<Batch, String> {
         if let Some(p) = s.strip_suffix('%') {
-            let p: u32 = p.parse().map_err(|_| format!("bad batch percentage {s:?}"))?;
+            let p: u32 = p
+                .parse()
+                .map_err(|_| format!("bad batch percentage {s:?}"))?;
             if p == 0 || p > 100 {
                 return Err(format!("batch percentage {p} is not in 1..=100"));
             }

@@ -184,7 +184,11 @@ impl Client {
         format!("{}/api/v1{path}", self.base)
     }
 
-    fn finish(&self, what: &str, res: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Value> {
+    fn finish(
+        &self,
+        what: &str,
+        res: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Value> {
         let mut resp = res.with_context(|| format!("calling the center at {}", self.base))?;
         let status = resp.status();
         let body: Value = resp
@@ -250,9 +254,13 @@ pub fn agents(conn: &Conn, target: Option<String>, json_out: bool) -> Result<()>
             a["status"].as_str().unwrap_or(""),
             a["addrs"][0].as_str().unwrap_or("-"),
             tags.join(","),
-            r["cpu_pct"].as_f64().map_or("-".into(), |c| format!("{c:.1}")),
+            r["cpu_pct"]
+                .as_f64()
+                .map_or("-".into(), |c| format!("{c:.1}")),
             mem,
-            r["load1"].as_f64().map_or("-".into(), |l| format!("{l:.2}")),
+            r["load1"]
+                .as_f64()
+                .map_or("-".into(), |l| format!("{l:.2}")),
         );
     }
     Ok(())
@@ -261,7 +269,9 @@ pub fn agents(conn: &Conn, target: Option<String>, json_out: bool) -> Result<()>
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -302,12 +312,20 @@ pub fn exec(conn: &Conn, a: ExecArgs) -> Result<bool> {
         "ttl_ms": a.ttl.as_millis() as u64, "batch": a.batch, "max_failures": a.max_failures,
     });
     let created = c.post("creating the task", "/tasks", &body)?;
-    let id = created["id"].as_u64().context("the center gave no task id")?;
+    let id = created["id"]
+        .as_u64()
+        .context("the center gave no task id")?;
     if a.run_async {
         if a.json {
-            println!("{}", json!({"event": "created", "id": id, "hosts": created["hosts"]}));
+            println!(
+                "{}",
+                json!({"event": "created", "id": id, "hosts": created["hosts"]})
+            );
         } else {
-            println!("task {id} queued for {} host(s)", created["hosts"].as_array().map_or(0, Vec::len));
+            println!(
+                "task {id} queued for {} host(s)",
+                created["hosts"].as_array().map_or(0, Vec::len)
+            );
         }
         return Ok(true);
     }
@@ -321,7 +339,10 @@ pub fn follow(c: &Client, id: u64, json_out: bool) -> Result<bool> {
     let mut partial: BTreeMap<(String, String), String> = BTreeMap::new();
     let mut offline: BTreeMap<String, bool> = BTreeMap::new();
     loop {
-        let v = c.get("following the task", &format!("/tasks/{id}/events?after={after}&wait=10"))?;
+        let v = c.get(
+            "following the task",
+            &format!("/tasks/{id}/events?after={after}&wait=10"),
+        )?;
         for e in v["events"].as_array().into_iter().flatten() {
             let host = e["host"].as_str().unwrap_or("").to_string();
             let kind = e["kind"].as_str().unwrap_or("").to_string();
@@ -353,10 +374,9 @@ pub fn follow(c: &Client, id: u64, json_out: bool) -> Result<bool> {
         after = v["next"].as_u64().unwrap_or(after);
         let pending = v["pending"].as_u64().unwrap_or(0) as usize;
         let offline_pending = offline.values().filter(|o| **o).count();
-        if v["finished"].as_bool() == Some(true) || (pending > 0 && pending <= offline_pending && v["events"].as_array().is_some_and(Vec::is_empty)) {
-            break;
-        }
-        if pending == 0 && v["finished"].as_bool() != Some(false) {
+        // Done when every host is final, or only hosts that were offline remain (they
+        // get the task when they return; `octo task wait` follows them).
+        if v["finished"].as_bool() == Some(true) || (pending > 0 && pending <= offline_pending) {
             break;
         }
     }
@@ -398,7 +418,10 @@ fn summary(c: &Client, id: u64, json_out: bool) -> Result<bool> {
             s => other.push((name, s.to_string())),
         }
     }
-    let all_ok = failed.is_empty() && timed_out.is_empty() && offline.is_empty() && other.iter().all(|(_, s)| s == "cancelled");
+    let all_ok = failed.is_empty()
+        && timed_out.is_empty()
+        && offline.is_empty()
+        && other.iter().all(|(_, s)| s == "cancelled");
     if json_out {
         println!(
             "{}",
@@ -436,7 +459,10 @@ pub fn task(conn: &Conn, cmd: TaskCmd) -> Result<bool> {
             if json {
                 println!("{}", serde_json::to_string(&v)?);
             } else {
-                println!("{:>6} {:<10} {:<16} {:<30} COUNTS", "ID", "STATE", "TARGET", "SUMMARY");
+                println!(
+                    "{:>6} {:<10} {:<16} {:<30} COUNTS",
+                    "ID", "STATE", "TARGET", "SUMMARY"
+                );
                 for t in v.as_array().into_iter().flatten() {
                     let counts: Vec<String> = t["counts"]
                         .as_object()
@@ -461,9 +487,20 @@ pub fn task(conn: &Conn, cmd: TaskCmd) -> Result<bool> {
             if json {
                 println!("{}", serde_json::to_string(&v)?);
             } else {
-                println!("task {id}: {} on {} ({})", v["summary"].as_str().unwrap_or(""), v["target"].as_str().unwrap_or(""), v["state"].as_str().unwrap_or(""));
+                println!(
+                    "task {id}: {} on {} ({})",
+                    v["summary"].as_str().unwrap_or(""),
+                    v["target"].as_str().unwrap_or(""),
+                    v["state"].as_str().unwrap_or("")
+                );
                 for h in v["hosts"].as_array().into_iter().flatten() {
-                    println!("--- {} [{}] exit={} signal={}", h["host"].as_str().unwrap_or(""), h["state"].as_str().unwrap_or(""), h["exit_code"], h["signal"]);
+                    println!(
+                        "--- {} [{}] exit={} signal={}",
+                        h["host"].as_str().unwrap_or(""),
+                        h["state"].as_str().unwrap_or(""),
+                        h["exit_code"],
+                        h["signal"]
+                    );
                     print!("{}", h["stdout"].as_str().unwrap_or(""));
                     eprint!("{}", h["stderr"].as_str().unwrap_or(""));
                     if let Some(e) = h["error"].as_str() {
@@ -475,7 +512,11 @@ pub fn task(conn: &Conn, cmd: TaskCmd) -> Result<bool> {
         }
         TaskCmd::Wait { id, json } => follow(&c, id, json),
         TaskCmd::Cancel { id, json } => {
-            let v = c.post("cancelling the task", &format!("/tasks/{id}/cancel"), &json!({}))?;
+            let v = c.post(
+                "cancelling the task",
+                &format!("/tasks/{id}/cancel"),
+                &json!({}),
+            )?;
             if json {
                 println!("{}", serde_json::to_string(&v)?);
             } else {
@@ -489,7 +530,14 @@ pub fn task(conn: &Conn, cmd: TaskCmd) -> Result<bool> {
 pub fn token(conn: &Conn, cmd: TokenCmd) -> Result<()> {
     let c = Client::new(conn)?;
     match cmd {
-        TokenCmd::Create { scope, allow, ttl, one_time, note, json } => {
+        TokenCmd::Create {
+            scope,
+            allow,
+            ttl,
+            one_time,
+            note,
+            json,
+        } => {
             let v = c.post(
                 "creating the token",
                 "/tokens",
@@ -507,24 +555,44 @@ pub fn token(conn: &Conn, cmd: TokenCmd) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&v)?);
             } else {
-                println!("{:<18} {:<9} {:<8} {:>5} {:<20} NOTE", "ID", "SCOPE", "STATE", "USES", "ALLOW");
+                println!(
+                    "{:<18} {:<9} {:<8} {:>5} {:<20} NOTE",
+                    "ID", "SCOPE", "STATE", "USES", "ALLOW"
+                );
                 for t in v.as_array().into_iter().flatten() {
-                    let state = if t["revoked"].as_bool() == Some(true) { "revoked" } else { "active" };
-                    let allow: Vec<&str> = t["allow"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                    let state = if t["revoked"].as_bool() == Some(true) {
+                        "revoked"
+                    } else {
+                        "active"
+                    };
+                    let allow: Vec<&str> = t["allow"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .collect();
                     println!(
                         "{:<18} {:<9} {:<8} {:>5} {:<20} {}",
                         t["id"].as_str().unwrap_or(""),
                         t["scope"].as_str().unwrap_or(""),
                         state,
                         t["uses"],
-                        if allow.is_empty() { "any".to_string() } else { allow.join(",") },
+                        if allow.is_empty() {
+                            "any".to_string()
+                        } else {
+                            allow.join(",")
+                        },
                         t["note"].as_str().unwrap_or("")
                     );
                 }
             }
         }
         TokenCmd::Revoke { id, json } => {
-            let v = c.post("revoking the token", &format!("/tokens/{id}/revoke"), &json!({}))?;
+            let v = c.post(
+                "revoking the token",
+                &format!("/tokens/{id}/revoke"),
+                &json!({}),
+            )?;
             if json {
                 println!("{}", serde_json::to_string(&v)?);
             } else {
@@ -564,7 +632,12 @@ fn default_dir(which: &str) -> PathBuf {
     base.join("octopus").join(which)
 }
 
-pub async fn center(listen: SocketAddr, data_dir: Option<PathBuf>, heartbeat: Duration, json_out: bool) -> Result<()> {
+pub async fn center(
+    listen: SocketAddr,
+    data_dir: Option<PathBuf>,
+    heartbeat: Duration,
+    json_out: bool,
+) -> Result<()> {
     let data_dir = data_dir.unwrap_or_else(|| default_dir("center"));
     let h = octopus_center::center::spawn(octopus_center::center::CenterConfig {
         listen,
@@ -582,15 +655,31 @@ pub async fn center(listen: SocketAddr, data_dir: Option<PathBuf>, heartbeat: Du
                    "data_dir": data_dir})
         );
     } else {
-        eprintln!("center listening: API {api} (TCP), agents {} (UDP)", h.quic_addr());
-        eprintln!("data in {}; CA fingerprint {}", data_dir.display(), h.ca_fingerprint);
+        eprintln!(
+            "center listening: API {api} (TCP), agents {} (UDP)",
+            h.quic_addr()
+        );
+        eprintln!(
+            "data in {}; CA fingerprint {}",
+            data_dir.display(),
+            h.ca_fingerprint
+        );
         if let Some(t) = &h.new_admin_token {
-            eprintln!("admin token (shown once, also in {}):", data_dir.join("admin.token").display());
+            eprintln!(
+                "admin token (shown once, also in {}):",
+                data_dir.join("admin.token").display()
+            );
             println!("{t}");
         }
         eprintln!("to enroll an agent:");
-        eprintln!("  export OCTO_CENTER={api} OCTO_TOKEN=$(cat {})", data_dir.join("admin.token").display());
-        eprintln!("  octo agent --center {} --token $(octo token create --scope enroll --ttl 1h)", h.local_addr());
+        eprintln!(
+            "  export OCTO_CENTER={api} OCTO_TOKEN=$(cat {})",
+            data_dir.join("admin.token").display()
+        );
+        eprintln!(
+            "  octo agent --center {} --token $(octo token create --scope enroll --ttl 1h)",
+            h.local_addr()
+        );
     }
     let stop = h.cancelled();
     tokio::select! {
@@ -650,7 +739,10 @@ pub async fn agent(o: AgentOpts) -> Result<()> {
                    "startup_ms": started.elapsed().as_millis() as u64})
         );
     } else {
-        eprintln!("agent {name} running; center {center}; data in {}", data_dir.display());
+        eprintln!(
+            "agent {name} running; center {center}; data in {}",
+            data_dir.display()
+        );
     }
     crate::interrupted().await;
     h.shutdown().await;

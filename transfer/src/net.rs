@@ -85,7 +85,10 @@ pub fn endpoint(listen: SocketAddr, id: &Identity, trust: &Trust) -> Result<Endp
 }
 
 /// As [`endpoint`], with a prepared TLS configuration (other ALPNs, another trust).
-pub fn endpoint_with_tls(listen: SocketAddr, tls: rustls::ServerConfig) -> Result<Endpoint, NetError> {
+pub fn endpoint_with_tls(
+    listen: SocketAddr,
+    tls: rustls::ServerConfig,
+) -> Result<Endpoint, NetError> {
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(transport());

@@ -123,7 +123,9 @@ impl Identity {
     pub fn public_key_raw(&self) -> Result<Vec<u8>, TlsError> {
         p256_point_in_cert(&self.cert)
             .map(<[u8]>::to_vec)
-            .ok_or(TlsError::BadCert("no P-256 public key in our certificate".into()))
+            .ok_or(TlsError::BadCert(
+                "no P-256 public key in our certificate".into(),
+            ))
     }
 
     /// The same key with a new certificate (and chain), as returned by enrollment.
@@ -151,8 +153,8 @@ impl Identity {
 /// DER prefix of a P-256 SubjectPublicKeyInfo (id-ecPublicKey, prime256v1, BIT STRING
 /// of 66 bytes), followed by the 65-byte uncompressed point.
 const P256_SPKI_PREFIX: [u8; 26] = [
-    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
-    0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 
 /// The P-256 public key of a certificate: the point after the first P-256 SPKI
@@ -235,7 +237,11 @@ impl CertAuthority {
     }
 
     /// Load a stored root: its certificate DER, key PKCS#8 DER and name.
-    pub fn from_der(cert: Vec<u8>, key_pkcs8: &[u8], name: String) -> Result<CertAuthority, TlsError> {
+    pub fn from_der(
+        cert: Vec<u8>,
+        key_pkcs8: &[u8],
+        name: String,
+    ) -> Result<CertAuthority, TlsError> {
         let key = rcgen::KeyPair::try_from(key_pkcs8)?;
         let cert = CertificateDer::from(cert);
         Ok(CertAuthority {
@@ -581,7 +587,9 @@ mod tests {
         );
         // Another CA's certificate, and a self-signed one, do not verify.
         let other = CertAuthority::generate().unwrap();
-        let foreign = other.issue("web-1", &node.public_key_raw().unwrap()).unwrap();
+        let foreign = other
+            .issue("web-1", &node.public_key_raw().unwrap())
+            .unwrap();
         assert!(verify_issued(&foreign, &ca.cert, true).is_err());
         assert!(verify_issued(&node.cert, &ca.cert, true).is_err());
     }

@@ -1,0 +1,627 @@
+//! End-to-end tests of the control plane: a real `octo center`, real `octo agent`
+//! processes enrolled over QUIC with mutual TLS, and the real CLI against the API.
+//!
+//! Several agents run on this one machine with separate data directories and host
+//! names; they share the file system, which these tests do not depend on.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use octopus_tests::{wait_until, Octo, Value};
+
+use crate::bin;
+
+const T: Duration = Duration::from_secs(20);
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    center: Octo,
+    api: String,
+    addr: String,
+    admin: String,
+    agents: Vec<(String, Octo)>,
+    enroll: String,
+}
+
+fn run_octo(api: &str, token: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .env("OCTO_CENTER", api)
+        .env("OCTO_TOKEN", token)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run octo");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+impl Fleet {
+    fn start(n: usize) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let (center, api, addr, admin) = start_center(dir.path(), "127.0.0.1:0", "center");
+        let (code, out, err) = run_octo(
+            &api,
+            &admin,
+            &["token", "create", "--scope", "enroll", "--ttl", "1h"],
+        );
+        assert_eq!(code, 0, "creating an enroll token: {err}");
+        let mut f = Fleet {
+            dir,
+            center,
+            api,
+            addr,
+            admin,
+            agents: Vec::new(),
+            enroll: out.trim().to_string(),
+        };
+        for i in 1..=n {
+            let tags: &[&str] = if i == 1 { &["role=db"] } else { &["role=web"] };
+            f.add_agent(&format!("host-{i}"), tags);
+        }
+        f.wait_online(n);
+        f
+    }
+
+    fn add_agent(&mut self, name: &str, tags: &[&str]) {
+        let a = self.spawn_agent(name, tags);
+        self.agents.push((name.to_string(), a));
+    }
+
+    fn spawn_agent(&self, name: &str, tags: &[&str]) -> Octo {
+        let data = self.dir.path().join(format!("agent-{name}"));
+        let mut args = vec![
+            "agent".to_string(),
+            "--center".into(),
+            self.addr.clone(),
+            "--token".into(),
+            self.enroll.clone(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--name".into(),
+            name.into(),
+            "--json".into(),
+        ];
+        for t in tags {
+            args.push("--tag".into());
+            args.push(t.to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut a = Octo::spawn(&bin(), name, self.dir.path(), &args, &[]);
+        a.wait_event("ready", T);
+        a
+    }
+
+    fn octo(&self, args: &[&str]) -> (i32, String, String) {
+        run_octo(&self.api, &self.admin, args)
+    }
+
+    fn agents_json(&self) -> Vec<Value> {
+        let (code, out, err) = self.octo(&["agents", "--json"]);
+        assert_eq!(code, 0, "octo agents: {err}");
+        serde_json::from_str::<Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    fn online(&self, name: &str) -> bool {
+        self.agents_json()
+            .iter()
+            .any(|a| a["name"] == name && a["status"] == "online")
+    }
+
+    fn wait_online(&self, n: usize) {
+        assert!(
+            wait_until(T, || self
+                .agents_json()
+                .iter()
+                .filter(|a| a["status"] == "online")
+                .count()
+                >= n),
+            "{n} agents never came online: {:?}\n--- center ---\n{}",
+            self.agents_json(),
+            self.center.stderr()
+        );
+    }
+
+    fn agent(&mut self, name: &str) -> &mut Octo {
+        &mut self.agents.iter_mut().find(|(n, _)| n == name).unwrap().1
+    }
+}
+
+fn start_center(dir: &Path, listen: &str, name: &str) -> (Octo, String, String, String) {
+    let data = dir.join("center-data");
+    let mut c = Octo::spawn(
+        &bin(),
+        name,
+        dir,
+        &[
+            "center",
+            "--listen",
+            listen,
+            "--data-dir",
+            &data.display().to_string(),
+            "--heartbeat",
+            "500ms",
+            "--json",
+        ],
+        &[],
+    );
+    let ready = c.wait_event("ready", T);
+    let api = ready["api"].as_str().unwrap().to_string();
+    let addr = api.trim_start_matches("http://").to_string();
+    let token_file = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    if let Some(t) = ready["admin_token"].as_str() {
+        assert_eq!(
+            t,
+            token_file.trim(),
+            "the printed admin token is the stored one"
+        );
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data.join("admin.token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "admin.token must be private");
+    (c, api, addr, token_file.trim().to_string())
+}
+
+/// The task summary line printed last by `exec --json` / `task wait --json`.
+fn summary(out: &str) -> Value {
+    out.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["event"] == "summary")
+        .unwrap_or_else(|| panic!("no summary in {out}"))
+}
+
+fn host_state(task: &Value, host: &str) -> String {
+    task["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == host)
+        .map(|h| h["state"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_center_with_three_agents_runs_commands_everywhere_and_by_target() {
+    let f = Fleet::start(3);
+    let agents = f.agents_json();
+    assert_eq!(agents.len(), 3);
+    let db = agents.iter().find(|a| a["name"] == "host-1").unwrap();
+    assert_eq!(db["tags"]["role"], "db");
+    assert!(
+        db["resources"]["mem_total"].as_u64().unwrap() > 0,
+        "heartbeats carry resources"
+    );
+
+    // pssh -i style: every line prefixed by its host, a summary, exit 0.
+    let (code, out, err) = f.octo(&[
+        "exec",
+        "all",
+        "--",
+        "echo",
+        "hi from $OCTO_X; echo second >&2",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for h in ["host-1", "host-2", "host-3"] {
+        assert!(out.contains(&format!("{h}: hi from")), "{out}");
+        assert!(err.contains(&format!("{h}: second")), "{err}");
+    }
+    assert!(err.contains("3 ok, 0 failed"), "{err}");
+
+    // Targets: a glob, a tag selector, a comma list; a miss is an error that says so.
+    let (_, out, _) = f.octo(&["exec", "--json", "role=web", "--", "true"]);
+    assert_eq!(summary(&out)["ok"], 2);
+    let (_, out, _) = f.octo(&["exec", "--json", "host-1,host-3", "--", "true"]);
+    assert_eq!(summary(&out)["ok"], 2);
+    let (_, out, _) = f.octo(&["exec", "--json", "host-*", "--", "true"]);
+    assert_eq!(summary(&out)["ok"], 3);
+    let (code, _, err) = f.octo(&["exec", "nothing-*", "--", "true"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("matches no host"), "{err}");
+
+    // A failing host makes the exit code non-zero and is named with its reason.
+    let (code, _, err) = f.octo(&["exec", "all", "--", "test $(hostname) = never || exit 3"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("exit code 3"), "{err}");
+
+    // Scripts and python.
+    let script = f.dir.path().join("s.py");
+    std::fs::write(
+        &script,
+        "import sys\nprint('py', sum(int(a) for a in sys.argv[1:]))\n",
+    )
+    .unwrap();
+    let (code, out, err) = f.octo(&[
+        "exec",
+        "host-2",
+        "--type",
+        "python",
+        "--script",
+        &script.display().to_string(),
+        "--",
+        "2",
+        "3",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("host-2: py 5"), "{out}");
+
+    // The result is stored: task show --json has the output and exit code.
+    let (_, out, _) = f.octo(&["task", "list", "--json"]);
+    let newest = serde_json::from_str::<Value>(&out).unwrap()[0]["id"]
+        .as_u64()
+        .unwrap();
+    let (_, out, _) = f.octo(&["task", "show", &newest.to_string(), "--json"]);
+    let t: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(t["hosts"][0]["stdout"], "py 5\n");
+    assert_eq!(t["hosts"][0]["exit_code"], 0);
+
+    // Every mutating call is in the audit log, with who and from where.
+    let (_, out, _) = f.octo(&["audit", "--json"]);
+    let audit: Value = serde_json::from_str(&out).unwrap();
+    let posts: Vec<&Value> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["method"] == "POST" && e["path"] == "/api/v1/tasks")
+        .collect();
+    assert!(posts.len() >= 6, "{audit}");
+    assert!(posts[0]["addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(!posts[0]["token"].as_str().unwrap().is_empty());
+}
+
+struct TestUser(String);
+
+impl TestUser {
+    fn create() -> TestUser {
+        let name = format!("octo-e2e-{}", std::process::id());
+        let st = Command::new("useradd")
+            .args(["-m", "-s", "/bin/sh", &name])
+            .status()
+            .expect("useradd");
+        assert!(st.success(), "useradd {name}");
+        TestUser(name)
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").args(["-r", &self.0]).status();
+    }
+}
+
+#[test]
+fn exec_as_another_user_and_a_timeout_kills_grandchildren() {
+    let f = Fleet::start(1);
+    let user = TestUser::create();
+    let (code, out, err) = f.octo(&[
+        "exec",
+        "host-1",
+        "--user",
+        &user.0,
+        "--",
+        "id -un; echo home=$HOME; echo path=$PATH; env | grep -c RUST_LOG || true",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("host-1: {}", user.0)), "{out}");
+    assert!(
+        out.contains(&format!("host-1: home=/home/{}", user.0)),
+        "{out}"
+    );
+    // A clean environment: nothing of the agent's (nor of the CLI's) leaks in.
+    assert!(out.contains("host-1: 0"), "{out}\n{err}");
+
+    let pidfile = f.dir.path().join("grandchild.pid");
+    let cmd = format!("sleep 300 & echo $! > {}; sleep 300", pidfile.display());
+    let started = std::time::Instant::now();
+    let (code, _, err) = f.octo(&["exec", "host-1", "--timeout", "1s", "--", &cmd]);
+    assert_ne!(code, 0);
+    assert!(err.contains("1 timed out"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || !Path::new(&format!(
+            "/proc/{pid}"
+        ))
+        .exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))),
+        "the grandchild {pid} survived the timeout"
+    );
+}
+
+#[test]
+fn an_offline_agent_gets_its_task_when_it_returns_and_a_center_restart_loses_nothing() {
+    let mut f = Fleet::start(2);
+    let marker = f.dir.path().join("ran-on-host-2");
+    f.agent("host-2").signal(libc::SIGTERM);
+    f.agent("host-2").wait(T);
+    assert!(wait_until(T, || !f.online("host-2")));
+
+    // Queued while host-2 is offline; exec returns with host-2 reported offline.
+    let cmd = format!("echo x >> {}", marker.display());
+    let (code, out, _) = f.octo(&["exec", "--json", "host-2", "--", &cmd]);
+    assert_ne!(code, 0, "an offline host is not a success");
+    let s = summary(&out);
+    assert_eq!(s["ok"], 0);
+    assert_eq!(s["offline"], 1);
+    let id = s["id"].as_u64().unwrap();
+
+    // Kill the center hard, restart it on the same port: the queue survived.
+    f.center.kill9();
+    let (c2, api2, _, admin2) = start_center(f.dir.path(), &f.addr, "center-2");
+    assert_eq!(api2, f.api);
+    assert_eq!(admin2, f.admin, "the admin token survives a restart");
+    f.center = c2;
+    // host-1 reconnects by itself with backoff.
+    assert!(
+        wait_until(Duration::from_secs(30), || f.online("host-1")),
+        "host-1 did not reconnect"
+    );
+
+    // host-2 comes back (already enrolled: no token needed) and runs the task once.
+    let data = f.dir.path().join("agent-host-2");
+    let mut a2 = Octo::spawn(
+        &bin(),
+        "host-2b",
+        f.dir.path(),
+        &[
+            "agent",
+            "--center",
+            &f.addr,
+            "--data-dir",
+            &data.display().to_string(),
+            "--name",
+            "host-2",
+            "--json",
+        ],
+        &[],
+    );
+    a2.wait_event("ready", T);
+    let (code, out, err) = f.octo(&["task", "wait", &id.to_string(), "--json"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(summary(&out)["ok"], 1);
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "x\n");
+
+    // An agent restart does not run it again.
+    a2.kill9();
+    let mut a3 = Octo::spawn(
+        &bin(),
+        "host-2c",
+        f.dir.path(),
+        &[
+            "agent",
+            "--center",
+            &f.addr,
+            "--data-dir",
+            &data.display().to_string(),
+            "--name",
+            "host-2",
+            "--json",
+        ],
+        &[],
+    );
+    a3.wait_event("ready", T);
+    assert!(wait_until(T, || f.online("host-2")));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap(),
+        "x\n",
+        "ran twice"
+    );
+}
+
+#[test]
+fn an_agent_killed_mid_task_never_runs_it_twice() {
+    let mut f = Fleet::start(1);
+    let count = f.dir.path().join("count");
+    let cmd = format!("echo run >> {}; sleep 2", count.display());
+    let (code, out, _) = f.octo(&["exec", "--async", "--json", "host-1", "--", &cmd]);
+    assert_eq!(code, 0);
+    let id = out
+        .lines()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    assert!(wait_until(T, || count.exists()));
+    // SIGKILL: the agent has no chance to report; the center redelivers on reconnect.
+    f.agent("host-1").kill9();
+    let data = f.dir.path().join("agent-host-1");
+    let mut again = Octo::spawn(
+        &bin(),
+        "host-1b",
+        f.dir.path(),
+        &[
+            "agent",
+            "--center",
+            &f.addr,
+            "--data-dir",
+            &data.display().to_string(),
+            "--name",
+            "host-1",
+            "--json",
+        ],
+        &[],
+    );
+    again.wait_event("ready", T);
+    let (code, out, _) = f.octo(&["task", "wait", &id.to_string(), "--json"]);
+    assert_ne!(code, 0, "a lost result is not a success");
+    let t = &summary(&out)["task"];
+    assert_eq!(host_state(t, "host-1"), "lost", "{t}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        std::fs::read_to_string(&count).unwrap(),
+        "run\n",
+        "ran twice"
+    );
+}
+
+/// A minimal HTTP/1.1 request, to send exactly the bytes a test needs.
+fn http(api: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
+    let addr = api.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status: u16 = resp[9..12].parse().unwrap();
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("");
+    // Chunked or not, the JSON object is the part between the outer braces.
+    let json = body
+        .find('{')
+        .zip(body.rfind('}'))
+        .map(|(a, b)| &body[a..=b])
+        .unwrap_or("null");
+    (status, serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+#[test]
+fn api_errors_say_what_was_wrong_and_garbage_does_not_disturb_agents() {
+    let f = Fleet::start(2);
+    let task = r#"{"target":"all","command":"true"}"#;
+    let (st, v) = http(&f.api, "POST", "/api/v1/tasks", None, task);
+    assert_eq!(st, 401);
+    assert!(v["error"].as_str().unwrap().contains("missing"), "{v}");
+    let (st, v) = http(
+        &f.api,
+        "POST",
+        "/api/v1/tasks",
+        Some("octo_aaaaaaaaaaaaa_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"),
+        task,
+    );
+    assert_eq!(st, 401, "{v}");
+    let (st, v) = http(&f.api, "POST", "/api/v1/tasks", Some("nonsense"), task);
+    assert_eq!(st, 401, "{v}");
+
+    let (_, read, _) = f.octo(&["token", "create", "--scope", "read"]);
+    let (st, v) = http(&f.api, "POST", "/api/v1/tasks", Some(read.trim()), task);
+    assert_eq!(st, 403);
+    assert!(v["error"].as_str().unwrap().contains("operator"), "{v}");
+    let (st, _) = http(&f.api, "GET", "/api/v1/agents", Some(read.trim()), "");
+    assert_eq!(st, 200, "read scope may list agents");
+
+    let (_, far, _) = f.octo(&[
+        "token",
+        "create",
+        "--scope",
+        "admin",
+        "--allow",
+        "10.0.0.0/8",
+    ]);
+    let (st, v) = http(&f.api, "GET", "/api/v1/agents", Some(far.trim()), "");
+    assert_eq!(st, 403);
+    assert!(v["error"].as_str().unwrap().contains("127.0.0.1"), "{v}");
+
+    let (st, v) = http(
+        &f.api,
+        "POST",
+        "/api/v1/tasks",
+        Some(&f.admin),
+        "{\"target\": ",
+    );
+    assert_eq!(st, 400);
+    assert!(v["error"].as_str().unwrap().contains("JSON"), "{v}");
+    let (st, _) = http(
+        &f.api,
+        "POST",
+        "/api/v1/tasks",
+        Some(&f.admin),
+        r#"{"target": 5}"#,
+    );
+    assert_eq!(st, 400);
+
+    // A revoked token stops working.
+    let (_, op, _) = f.octo(&["token", "create", "--scope", "operator", "--json"]);
+    let op: Value = serde_json::from_str(&op).unwrap();
+    let (code, _, _) = f.octo(&["token", "revoke", op["id"].as_str().unwrap()]);
+    assert_eq!(code, 0);
+    let (st, v) = http(&f.api, "GET", "/api/v1/tasks", op["token"].as_str(), "");
+    assert_eq!(st, 401);
+    assert!(v["error"].as_str().unwrap().contains("revoked"), "{v}");
+
+    // Garbage at the agents' UDP port, and a TLS client with an unknown certificate,
+    // do not disturb the enrolled agents.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..200u32 {
+        let junk: Vec<u8> = (0..1200).map(|k| (k as u32 * 7 + i) as u8).collect();
+        sock.send_to(&junk, &f.addr).unwrap();
+    }
+    let (code, out, err) = f.octo(&["exec", "--json", "all", "--", "true"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(summary(&out)["ok"], 2);
+}
+
+#[test]
+fn a_used_one_time_enroll_token_and_a_foreign_ca_are_refused() {
+    let f = Fleet::start(0);
+    let (_, once, _) = f.octo(&["token", "create", "--scope", "enroll", "--one-time"]);
+    let once = once.trim();
+    let dir = f.dir.path();
+    let spawn = |name: &str, token: &str| {
+        Command::new(bin())
+            .args([
+                "agent",
+                "--center",
+                &f.addr,
+                "--token",
+                token,
+                "--name",
+                name,
+                "--json",
+                "--data-dir",
+            ])
+            .arg(dir.join(name))
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = spawn("one", once);
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(first.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("\"ready\""), "{line}");
+    let second = spawn("two", once).wait_with_output().unwrap();
+    assert!(!second.status.success());
+    // With --json the error is a JSON line on stdout.
+    let err = String::from_utf8_lossy(&second.stdout);
+    assert!(err.contains("used"), "{err}");
+
+    // A token whose CA fingerprint is not this center's: the agent refuses the center.
+    let (tok, _) = once.rsplit_once('.').unwrap();
+    let forged = format!("{tok}.{}", "0".repeat(64));
+    let third = spawn("three", &forged).wait_with_output().unwrap();
+    assert!(!third.status.success());
+    let _ = first.kill();
+    let _ = first.wait();
+    let _: PathBuf = dir.to_path_buf();
+}
