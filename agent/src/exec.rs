@@ -331,8 +331,8 @@ where
             if gone || k <= now {
                 if !gone {
                     signal_group(pgid, libc::SIGKILL);
-                    // The child is its group's leader and cannot leave it, but a
-                    // direct kill costs nothing if it somehow did.
+                    // As a session leader the child cannot leave its group, but a
+                    // direct kill costs nothing should that ever change.
                     if status.is_none() {
                         let _ = child.start_kill();
                     }

@@ -1,6 +1,6 @@
 //! Octopus center: the management center (see ARCHITECTURE.md).
+pub mod api;
 pub mod auth;
+pub mod center;
 pub mod store;
 pub mod target;
-pub mod api;
-pub mod center;

@@ -729,6 +729,7 @@ pub async fn agent(o: AgentOpts) -> Result<()> {
         data_dir: data_dir.clone(),
         name: name.clone(),
         tags,
+        simulate: false,
     })
     .await
     .context("starting the agent")?;

@@ -19,6 +19,7 @@ use octopus_transfer::ticket::Ticket;
 use serde_json::json;
 
 mod ctl;
+mod load;
 mod swarm_bench;
 
 const RATE_HELP: &str = "RATE is bytes per second unless its unit ends in `bit`: \
@@ -146,6 +147,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ctl::TokenCmd,
     },
+    /// Load tool: many simulated agents in one process over the real protocol.
+    Load(load::Args),
     /// Read the audit log of mutating API calls.
     Audit {
         #[command(flatten)]
@@ -207,6 +210,7 @@ fn main() -> ExitCode {
         | Cmd::Agents { json, .. }
         | Cmd::Audit { json, .. } => *json,
         Cmd::SwarmBench(a) => a.json,
+        Cmd::Load(a) => a.json,
         Cmd::Exec { args, .. } => args.json,
         Cmd::Task { cmd, .. } => match cmd {
             ctl::TaskCmd::List { json, .. }
@@ -247,6 +251,7 @@ fn main() -> ExitCode {
             } => get(listen, limit_up, limit_down, linger, json, ticket, dest).await,
             Cmd::Demo { size, json } => demo(size, json).await,
             Cmd::SwarmBench(args) => swarm_bench::run(args).await,
+            Cmd::Load(args) => load::run(args).await,
             Cmd::Center {
                 listen,
                 data_dir,
