@@ -277,6 +277,7 @@ async fn list_agents(
         .filter(|h| selected.as_ref().is_none_or(|s| s.contains(&h.name)))
         .map(|h| {
             let online = center::is_online(&inner, &h.name);
+            let live = inner.live.lock().unwrap().get(&h.name).cloned();
             AgentView {
                 status: if online {
                     "online".into()
@@ -285,12 +286,13 @@ async fn list_agents(
                 },
                 online,
                 offline_since: if online { None } else { h.offline_since },
-                resources: h
-                    .resources
-                    .as_deref()
+                resources: live
+                    .as_ref()
+                    .map(|(_, r)| r.as_slice())
+                    .or(h.resources.as_deref())
                     .and_then(|r| postcard::from_bytes(r).ok()),
                 name: h.name,
-                last_seen: h.last_seen,
+                last_seen: live.as_ref().map_or(h.last_seen, |(t, _)| *t),
                 addrs: h.addrs,
                 tags: h.tags,
                 version: h.version,
@@ -418,11 +420,17 @@ fn task_json(inner: &Inner, id: u64, with_output: bool) -> Result<Value, ApiErro
         .get_task(id)?
         .ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
     let results = inner.store.results(id)?;
+    let running = inner.running.lock().unwrap().clone();
     let mut counts = std::collections::BTreeMap::<&str, u32>::new();
     let hosts: Vec<HostView> = results
         .into_iter()
         .map(|r| {
-            let state = center::state_name(r.state);
+            let acked = running.contains(&(id, r.host.clone()));
+            let state = if acked && !r.state.is_final() {
+                "running"
+            } else {
+                center::state_name(r.state)
+            };
             *counts.entry(state).or_default() += 1;
             HostView {
                 host: r.host,

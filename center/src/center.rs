@@ -109,6 +109,24 @@ pub(crate) struct Inner {
     pub events_changed: Notify,
     next_session: std::sync::atomic::AtomicU64,
     pub quic_addr: SocketAddr,
+    /// Latest heartbeat per host: (unix ms, encoded resources). Live data, kept in
+    /// memory: writing every heartbeat to disk would cost a fleet one sync per host
+    /// every few seconds, and a restarted center gets fresh ones within a heartbeat.
+    pub live: Mutex<HashMap<String, (u64, Vec<u8>)>>,
+    /// (task, host) the agent acknowledged and is running. Also only in memory: if it
+    /// is lost, the entry is still queued in the store, is redelivered, and the
+    /// agent's journal keeps it from running twice.
+    pub running: Mutex<HashSet<(u64, String)>>,
+    /// Results to store, committed in groups by `committer`.
+    finish_tx: mpsc::UnboundedSender<Finished>,
+}
+
+/// A result from an agent, waiting for the group commit.
+struct Finished {
+    host: String,
+    task: u64,
+    outcome: HostOutcome,
+    reply: mpsc::UnboundedSender<CenterMsg>,
 }
 
 /// A running center.
@@ -220,7 +238,11 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         source,
     })?;
 
+    let (finish_tx, finish_rx) = mpsc::unbounded_channel();
     let inner = Arc::new(Inner {
+        live: Mutex::new(HashMap::new()),
+        running: Mutex::new(HashSet::new()),
+        finish_tx,
         store,
         ca,
         heartbeat: cfg.heartbeat,
@@ -241,6 +263,7 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         tracker.clone(),
     ));
     tracker.spawn(sweeper(inner.clone(), cancel.clone()));
+    tracker.spawn(committer(inner.clone(), finish_rx, cancel.clone()));
     let app = crate::api::router(inner.clone());
     let c2 = cancel.clone();
     tracker.spawn(async move {
@@ -591,7 +614,12 @@ fn pump_queue(
             .results(task)
             .ok()
             .and_then(|rs| rs.into_iter().find(|r| r.host == host).map(|r| r.state));
-        if state == Some(HostState::Queued) && now > expires_at {
+        let running = inner
+            .running
+            .lock()
+            .unwrap()
+            .contains(&(task, host.to_string()));
+        if state == Some(HostState::Queued) && now > expires_at && !running {
             // Never delivered and too old: the TTL applies only to what has not
             // reached the agent.
             if inner.store.expire(host, task, now).is_ok() {
@@ -626,16 +654,20 @@ fn handle_agent_msg(
     match msg {
         AgentMsg::Hello { .. } => {}
         AgentMsg::Heartbeat(r) => {
-            inner.store.update_heartbeat(
-                host,
-                now,
-                postcard::to_stdvec(&r).unwrap_or_default(),
-                hostinfo_addrs(inner, host),
-            )?;
+            let r = postcard::to_stdvec(&r).unwrap_or_default();
+            inner
+                .live
+                .lock()
+                .unwrap()
+                .insert(host.to_string(), (now, r));
         }
         AgentMsg::Ack { task } => {
-            inner.store.ack_delivery(host, task)?;
-            if inner.store.mark_running(host, task, now)? {
+            if inner
+                .running
+                .lock()
+                .unwrap()
+                .insert((task, host.to_string()))
+            {
                 push_event(inner, task, host, "state", "running");
             }
         }
@@ -693,14 +725,12 @@ fn handle_agent_msg(
                 }
                 Outcome::Cancelled => r.state = HostState::Cancelled,
             }
-            let state = r.state;
-            let stored = inner.store.finish(host, task, r)?;
-            // Acknowledge even a duplicate report, so the agent forgets it.
-            let _ = tx.send(CenterMsg::DoneAck { task });
-            if stored {
-                push_event(inner, task, host, "state", state_name(state));
-                after_host_final(inner, task);
-            }
+            let _ = inner.finish_tx.send(Finished {
+                host: host.to_string(),
+                task,
+                outcome: r,
+                reply: tx.clone(),
+            });
         }
     }
     Ok(())
@@ -859,6 +889,69 @@ pub(crate) fn events_since(inner: &Inner, task: u64, after: u64) -> (Vec<TaskEve
     }
 }
 
+/// Stores results in groups: whatever arrived while the previous commit ran goes into
+/// the next one. Only after the commit is the agent told it may forget the result.
+async fn committer(
+    inner: Arc<Inner>,
+    mut rx: mpsc::UnboundedReceiver<Finished>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            _ = cancel.cancelled() => return,
+            f = rx.recv() => match f { Some(f) => f, None => return },
+        };
+        let mut batch = vec![first];
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
+        }
+        let items: Vec<(String, u64, HostOutcome)> = batch
+            .iter()
+            .map(|f| (f.host.clone(), f.task, f.outcome.clone()))
+            .collect();
+        let store = inner.store.clone();
+        let res = tokio::task::spawn_blocking(move || store.finish_many(items)).await;
+        let stored = match res {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                // Not acknowledged: the agents keep the results and resend them.
+                warn!("storing {} results: {e}", batch.len());
+                continue;
+            }
+            Err(e) => {
+                warn!("storing results: {e}");
+                continue;
+            }
+        };
+        let mut tasks = std::collections::BTreeSet::new();
+        for (f, stored) in batch.into_iter().zip(stored) {
+            // Acknowledge even a duplicate report, so the agent forgets it.
+            let _ = f.reply.send(CenterMsg::DoneAck { task: f.task });
+            inner
+                .running
+                .lock()
+                .unwrap()
+                .remove(&(f.task, f.host.clone()));
+            if stored {
+                push_event(
+                    &inner,
+                    f.task,
+                    &f.host,
+                    "state",
+                    state_name(f.outcome.state),
+                );
+                tasks.insert(f.task);
+            }
+        }
+        for t in tasks {
+            after_host_final(&inner, t);
+        }
+    }
+}
+
 /// Once a second: expire queued entries of offline hosts whose TTL passed, and drop
 /// event logs of tasks finished a while ago.
 async fn sweeper(inner: Arc<Inner>, cancel: CancellationToken) {
@@ -879,10 +972,11 @@ async fn sweeper(inner: Arc<Inner>, cancel: CancellationToken) {
             let Ok(results) = inner.store.results(t.id) else {
                 continue;
             };
-            for r in results
-                .iter()
-                .filter(|r| matches!(r.state, HostState::Queued | HostState::Pending))
-            {
+            let running = inner.running.lock().unwrap().clone();
+            for r in results.iter().filter(|r| {
+                matches!(r.state, HostState::Queued | HostState::Pending)
+                    && !running.contains(&(t.id, r.host.clone()))
+            }) {
                 if inner.store.expire(&r.host, t.id, now).is_ok() {
                     push_event(&inner, t.id, &r.host, "state", "expired");
                 }
@@ -1025,17 +1119,6 @@ pub(crate) fn cancel_task(inner: &Inner, id: u64) -> Result<Vec<String>, crate::
     }
     inner.events_changed.notify_waiters();
     Ok(delivered)
-}
-
-/// The addresses a host reported, kept as they were (heartbeats carry none).
-fn hostinfo_addrs(inner: &Inner, host: &str) -> Vec<String> {
-    inner
-        .store
-        .get_host(host)
-        .ok()
-        .flatten()
-        .map(|h| h.addrs)
-        .unwrap_or_default()
 }
 
 /// Host names become certificate names and targets: letters, digits, `-`, `_`, `.`,
