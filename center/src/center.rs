@@ -167,6 +167,8 @@ impl CenterHandle {
 const META_CA_CERT: &str = "ca.cert";
 const META_CA_KEY: &str = "ca.key";
 const META_CA_NAME: &str = "ca.name";
+/// QUIC stateless-reset secret: kept so a restarted center resets old connections.
+const META_RESET_KEY: &str = "quic.reset";
 
 fn load_or_create_ca(store: &dyn Store) -> Result<CertAuthority, CenterError> {
     if let (Some(cert), Some(key), Some(name)) = (
@@ -232,7 +234,15 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         source,
     })?;
     let identity = ca.issue_identity(tls::CENTER_NAME)?;
-    let endpoint = ctl_endpoint(api_addr, &identity)?;
+    let reset = match store.get_meta(META_RESET_KEY)? {
+        Some(k) => k,
+        None => {
+            let k: [u8; 32] = rand::random();
+            store.put_meta(META_RESET_KEY, &k)?;
+            k.to_vec()
+        }
+    };
+    let endpoint = ctl_endpoint(api_addr, &identity, &reset)?;
     let quic_addr = endpoint.local_addr().map_err(|source| CenterError::Bind {
         addr: api_addr,
         source,
@@ -305,13 +315,13 @@ fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-fn ctl_endpoint(addr: SocketAddr, id: &Identity) -> Result<Endpoint, CenterError> {
+fn ctl_endpoint(addr: SocketAddr, id: &Identity, reset: &[u8]) -> Result<Endpoint, CenterError> {
     // Standalone trust at the TLS layer: enrolling agents present self-signed
     // certificates. Control connections are checked against the CA right after the
     // handshake (see `serve_ctl`), before a single message is read.
     let tls = tls::server_config_alpns(id, &Trust::Standalone, &[ALPN_CTL, ALPN_ENROLL])
         .map_err(CenterError::Ca)?;
-    octopus_transfer::net::endpoint_with_tls(addr, tls)
+    octopus_transfer::net::endpoint_with_reset_key(addr, tls, Some(reset))
         .map_err(|e| CenterError::Quic(e.to_string()))
 }
 

@@ -89,13 +89,42 @@ pub fn endpoint_with_tls(
     listen: SocketAddr,
     tls: rustls::ServerConfig,
 ) -> Result<Endpoint, NetError> {
+    endpoint_with_reset_key(listen, tls, None)
+}
+
+/// As [`endpoint_with_tls`], with a stateless-reset secret that outlives the process.
+///
+/// Why: after a restart, packets of the old connections arrive at a new endpoint.
+/// With the same secret it answers them with a valid stateless reset, so the peers
+/// notice at once and reconnect, instead of waiting out the idle timeout.
+pub fn endpoint_with_reset_key(
+    listen: SocketAddr,
+    tls: rustls::ServerConfig,
+    reset_secret: Option<&[u8]>,
+) -> Result<Endpoint, NetError> {
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(transport());
-    Endpoint::server(server, listen).map_err(|source| NetError::Bind {
+    let bind_err = |source| NetError::Bind {
         addr: listen,
         source,
-    })
+    };
+    let Some(secret) = reset_secret else {
+        return Endpoint::server(server, listen).map_err(bind_err);
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let mut config = quinn::EndpointConfig::new(Arc::new(key.clone()));
+    // Connection ids are checked against a keyed hash; the key must survive too, or
+    // the new endpoint drops old connections' packets as invalid instead of resetting.
+    let tag = ring::hmac::sign(&key, b"octopus connection id key");
+    let cid_key = u64::from_le_bytes(tag.as_ref()[..8].try_into().expect("8 bytes"));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let socket = std::net::UdpSocket::bind(listen).map_err(bind_err)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| bind_err(std::io::Error::other("no async runtime")))?;
+    Endpoint::new(config, Some(server), socket, runtime).map_err(bind_err)
 }
 
 /// Dial `addr`, pinning the server's certificate fingerprint.
