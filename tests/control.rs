@@ -625,3 +625,75 @@ fn a_used_one_time_enroll_token_and_a_foreign_ca_are_refused() {
     let _ = first.wait();
     let _: PathBuf = dir.to_path_buf();
 }
+
+#[test]
+fn batches_stop_at_max_failures_and_cancel_kills_running_commands() {
+    let f = Fleet::start(3);
+    // One host at a time; after the first failure nobody else gets it.
+    let (code, out, _) = f.octo(&[
+        "exec",
+        "--json",
+        "all",
+        "--batch",
+        "1",
+        "--max-failures",
+        "0",
+        "--",
+        "exit 4",
+    ]);
+    assert_ne!(code, 0);
+    let t = &summary(&out)["task"];
+    let states: Vec<String> = ["host-1", "host-2", "host-3"]
+        .iter()
+        .map(|h| host_state(t, h))
+        .collect();
+    assert_eq!(
+        states.iter().filter(|s| *s == "failed").count(),
+        1,
+        "{states:?}"
+    );
+    assert_eq!(
+        states.iter().filter(|s| *s == "cancelled").count(),
+        2,
+        "{states:?}"
+    );
+
+    // Waves of 2 (67% of 3 rounds up to 2): all succeed.
+    let (code, out, err) = f.octo(&["exec", "--json", "all", "--batch", "67%", "--", "true"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(summary(&out)["ok"], 3);
+
+    // Cancel a running task: its processes die, the hosts end cancelled.
+    let pidfile = f.dir.path().join("long.pid");
+    let cmd = format!("echo $$ > {}; sleep 300", pidfile.display());
+    let (code, out, _) = f.octo(&["exec", "--async", "--json", "host-2", "--", &cmd]);
+    assert_eq!(code, 0);
+    let id = serde_json::from_str::<Value>(out.lines().next().unwrap()).unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    assert!(wait_until(T, || pidfile.exists()
+        && !std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .is_empty()));
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let (code, _, err) = f.octo(&["task", "cancel", &id.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        wait_until(Duration::from_secs(10), || !Path::new(&format!(
+            "/proc/{pid}"
+        ))
+        .exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))),
+        "the cancelled command {pid} still runs"
+    );
+    let (_, out, _) = f.octo(&["task", "show", &id.to_string(), "--json"]);
+    let t: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(t["state"], "cancelled");
+    assert_eq!(host_state(&t, "host-2"), "cancelled");
+}

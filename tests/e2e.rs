@@ -153,11 +153,22 @@ fn peers_swarm_and_survive_the_sharer_dying() {
     let mut g1 = e.get("g1", &ticket, &e.path("g1.bin"), &["--linger", "120s"]);
     g1.wait_event("done", T);
     // A slow second getter learns about g1 from the tracker, then the sharer dies.
-    let mut g2 = e.get(
+    let g2_dest = e.path("g2.bin").display().to_string();
+    let mut g2 = e.octo_env(
         "g2",
-        &ticket,
-        &e.path("g2.bin"),
-        &["--linger", "0", "--limit-down", "8MB"],
+        &[
+            "get",
+            "--json",
+            "--listen",
+            "127.0.0.1:0",
+            "--linger",
+            "0",
+            "--limit-down",
+            "8MB",
+            &ticket,
+            &g2_dest,
+        ],
+        &[("RUST_LOG", "info,octopus_transfer::node=debug")],
     );
     let staging_has_pieces = || {
         fs::read_dir(e.dir.path()).unwrap().flatten().any(|d| {
@@ -172,7 +183,13 @@ fn peers_swarm_and_survive_the_sharer_dying() {
         "g2 never made progress\n{}",
         g2.stderr()
     );
-    std::thread::sleep(Duration::from_millis(500)); // let it meet g1 via the tracker
+    // It must have met g1 through the tracker (announces come every 2 s) before the
+    // sharer dies: two peers connected, the sharer and g1.
+    assert!(
+        wait_until(T, || g2.stderr().matches("peer connected").count() >= 2),
+        "g2 never met g1\n{}",
+        g2.stderr()
+    );
     s.kill9();
     let done = g2.wait_event("done", T);
     assert!(g2.wait(T).success());

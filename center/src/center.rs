@@ -222,17 +222,6 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         new_admin_token = Some(text);
     }
 
-    // TCP first: with port 0 the kernel picks the port, and UDP takes the same one.
-    let tcp = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| CenterError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
-    let api_addr = tcp.local_addr().map_err(|source| CenterError::Bind {
-        addr: cfg.listen,
-        source,
-    })?;
     let identity = ca.issue_identity(tls::CENTER_NAME)?;
     let reset = match store.get_meta(META_RESET_KEY)? {
         Some(k) => k,
@@ -242,7 +231,25 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
             k.to_vec()
         }
     };
-    let endpoint = ctl_endpoint(api_addr, &identity, &reset)?;
+    // TCP first: with port 0 the kernel picks the port, and UDP takes the same one;
+    // if that UDP port is taken (UDP and TCP ephemeral ranges overlap), try another.
+    let mut attempt = 0;
+    let (tcp, api_addr, endpoint) = loop {
+        attempt += 1;
+        let bind_err = |source| CenterError::Bind {
+            addr: cfg.listen,
+            source,
+        };
+        let tcp = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(bind_err)?;
+        let api_addr = tcp.local_addr().map_err(bind_err)?;
+        match ctl_endpoint(api_addr, &identity, &reset) {
+            Ok(ep) => break (tcp, api_addr, ep),
+            Err(_) if cfg.listen.port() == 0 && attempt < 20 => continue,
+            Err(e) => return Err(e),
+        }
+    };
     let quic_addr = endpoint.local_addr().map_err(|source| CenterError::Bind {
         addr: api_addr,
         source,
@@ -505,17 +512,23 @@ async fn serve_ctl(inner: Arc<Inner>, conn: Connection, cancel: CancellationToke
     };
     let now = proto::now_ms();
     if let Ok(Some(mut h)) = inner.store.get_host(&host) {
-        h.version = hello.0;
-        h.addrs = hello.1;
-        h.tags = hello.2.into_iter().collect();
-        h.resources = postcard::to_stdvec(&hello.3).ok();
-        h.online = true;
-        h.offline_since = None;
-        h.last_seen = now;
-        if let Err(e) = inner.store.put_host(&h) {
-            warn!(%host, "recording the host: {e}");
-            return;
+        let tags: BTreeMap<String, String> = hello.2.into_iter().collect();
+        // Write only what changed: a fleet reconnecting after a center restart
+        // should not cost one disk sync per host.
+        if h.version != hello.0 || h.addrs != hello.1 || h.tags != tags {
+            h.version = hello.0;
+            h.addrs = hello.1;
+            h.tags = tags;
+            h.online = true;
+            h.offline_since = None;
+            h.last_seen = now;
+            if let Err(e) = inner.store.put_host(&h) {
+                warn!(%host, "recording the host: {e}");
+                return;
+            }
         }
+        let r = postcard::to_stdvec(&hello.3).unwrap_or_default();
+        inner.live.lock().unwrap().insert(host.clone(), (now, r));
     }
     let (tx, mut rx) = mpsc::unbounded_channel::<CenterMsg>();
     let kick = Arc::new(Notify::new());
@@ -621,9 +634,10 @@ fn pump_queue(
         let expires_at = rec.created_at.saturating_add(rec.ttl_ms);
         let state = inner
             .store
-            .results(task)
+            .result(task, host)
             .ok()
-            .and_then(|rs| rs.into_iter().find(|r| r.host == host).map(|r| r.state));
+            .flatten()
+            .map(|r| r.state);
         let running = inner
             .running
             .lock()
@@ -1118,9 +1132,20 @@ impl std::str::FromStr for Batch {
 /// Cancels a task: hosts not yet final are marked cancelled, and agents running it
 /// are told to stop.
 pub(crate) fn cancel_task(inner: &Inner, id: u64) -> Result<Vec<String>, crate::store::StoreError> {
-    let delivered = inner.store.cancel_task(id, proto::now_ms())?;
-    for h in &delivered {
-        send_to(inner, h, CenterMsg::Cancel { task: id });
+    let open: Vec<String> = inner
+        .store
+        .results(id)?
+        .into_iter()
+        .filter(|r| !r.state.is_final())
+        .map(|r| r.host)
+        .collect();
+    let mut delivered = inner.store.cancel_task(id, proto::now_ms())?;
+    // Acknowledgements live in memory, so the store may not know who runs it: tell
+    // every host that had it open (an agent ignores a cancel for a task it never got).
+    for h in &open {
+        if send_to(inner, h, CenterMsg::Cancel { task: id }) && !delivered.contains(h) {
+            delivered.push(h.clone());
+        }
     }
     if let Ok(rs) = inner.store.results(id) {
         for r in rs.iter().filter(|r| r.state == HostState::Cancelled) {

@@ -410,6 +410,8 @@ pub trait Store: Send + Sync + 'static {
     fn list_tasks(&self, limit: usize) -> Result<Vec<TaskRecord>, StoreError>;
     /// Every host's result for the task, ordered by host name.
     fn results(&self, task: u64) -> Result<Vec<HostResult>, StoreError>;
+    /// One host's result of one task.
+    fn result(&self, task: u64, host: &str) -> Result<Option<HostResult>, StoreError>;
     /// The entries in `host`'s queue as `(seq, task id)`, oldest first.
     fn queue_for(&self, host: &str) -> Result<Vec<(u64, u64)>, StoreError>;
     /// Every queue entry of every host as `(host, seq, task id)`, by host then seq
@@ -899,6 +901,15 @@ impl Store for RedbStore {
             out.push(decode("results", v.value())?);
         }
         Ok(out)
+    }
+
+    fn result(&self, task: u64, host: &str) -> Result<Option<HostResult>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(RESULTS)?;
+        match t.get((task, host))? {
+            Some(v) => Ok(Some(decode("results", v.value())?)),
+            None => Ok(None),
+        }
     }
 
     fn queue_for(&self, host: &str) -> Result<Vec<(u64, u64)>, StoreError> {
