@@ -278,6 +278,12 @@ fn a_center_with_three_agents_runs_commands_everywhere_and_by_target() {
     assert!(posts.len() >= 6, "{audit}");
     assert!(posts[0]["addr"].as_str().unwrap().starts_with("127.0.0.1:"));
     assert!(!posts[0]["token"].as_str().unwrap().is_empty());
+
+    // Prometheus metrics agree with what happened.
+    let (status, text) = http_raw(&f.api, "GET", "/api/v1/metrics", Some(&f.admin), "");
+    assert_eq!(status, 200);
+    assert!(text.contains("octo_agents_online 3"), "{text}");
+    assert!(text.contains("octo_enrollments_total 3"), "{text}");
 }
 
 struct TestUser(String);
@@ -475,8 +481,9 @@ fn an_agent_killed_mid_task_never_runs_it_twice() {
     );
 }
 
-/// A minimal HTTP/1.1 request, to send exactly the bytes a test needs.
-fn http(api: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
+/// A minimal HTTP/1.1 request, to send exactly the bytes a test needs; returns the
+/// status and the raw body.
+fn http_raw(api: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
     let addr = api.trim_start_matches("http://");
     let mut s = TcpStream::connect(addr).unwrap();
     let auth = token
@@ -491,7 +498,13 @@ fn http(api: &str, method: &str, path: &str, token: Option<&str>, body: &str) ->
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     let status: u16 = resp[9..12].parse().unwrap();
-    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("");
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+/// [`http_raw`] with the body read as JSON.
+fn http(api: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
+    let (status, body) = http_raw(api, method, path, token, body);
     // Chunked or not, the JSON object is the part between the outer braces.
     let json = body
         .find('{')
@@ -572,6 +585,44 @@ fn api_errors_say_what_was_wrong_and_garbage_does_not_disturb_agents() {
         let junk: Vec<u8> = (0..1200).map(|k| (k as u32 * 7 + i) as u8).collect();
         sock.send_to(&junk, &f.addr).unwrap();
     }
+    // A client that passes TLS (it pins the right CA) but holds no CA-issued
+    // certificate is closed before a message is read, even if it sends garbage.
+    let (_, fp_hex) = f.enroll.rsplit_once('.').unwrap();
+    let mut fp = [0u8; 32];
+    for (i, b) in fp.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&fp_hex[2 * i..2 * i + 2], 16).unwrap();
+    }
+    let addr: std::net::SocketAddr = f.addr.parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let closed = rt.block_on(async move {
+        use octopus_transfer::tls::{Fingerprint, Identity, ServerCheck, Trust};
+        let id = Identity::generate().unwrap();
+        let ep = octopus_transfer::net::endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            &id,
+            &Trust::Standalone,
+        )
+        .unwrap();
+        let conn = octopus_transfer::net::connect_check(
+            &ep,
+            &id,
+            addr,
+            ServerCheck::CaFingerprint(Fingerprint(fp)),
+            octopus_agent::proto::ALPN_CTL,
+        )
+        .await
+        .expect("the TLS handshake itself succeeds");
+        if let Ok((mut send, _)) = conn.open_bi().await {
+            let _ = send.write_all(&[0xff; 64]).await;
+        }
+        tokio::time::timeout(Duration::from_secs(10), conn.closed()).await
+    });
+    let reason = closed.expect("the center closes an unauthenticated control connection");
+    assert!(
+        reason.to_string().contains("not issued by this center"),
+        "{reason}"
+    );
+
     let (code, out, err) = f.octo(&["exec", "--json", "all", "--", "true"]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(summary(&out)["ok"], 2);

@@ -211,6 +211,7 @@ pub(crate) fn router(inner: Shared) -> Router {
         .route("/tokens/{id}/revoke", post(revoke_token))
         .route("/audit", get(list_audit))
         .route("/info", get(info))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such API route") });
     Router::new()
         .nest("/api/v1", api)
@@ -226,6 +227,78 @@ async fn info(caller: Caller, State(inner): State<Shared>) -> Result<Json<Value>
         "ca_fingerprint": center::fingerprint_hex(&inner.ca.fingerprint),
         "agents_addr": inner.quic_addr.to_string(),
     })))
+}
+
+/// Prometheus text format. Needs a read token, like every call (Prometheus sends one
+/// with `authorization: {credentials: ...}` in its scrape config).
+async fn metrics(caller: Caller, State(inner): State<Shared>) -> Result<String, ApiError> {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    caller.require(Scope::Read)?;
+    let m = &inner.metrics;
+    let known = inner.store.list_hosts()?.len();
+    let mut out = String::new();
+    let mut put = |name: &str, kind: &str, help: &str, v: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+        );
+    };
+    put(
+        "octo_agents_online",
+        "gauge",
+        "Agents with a live session.",
+        center::online_count(&inner) as u64,
+    );
+    put(
+        "octo_agents_known",
+        "gauge",
+        "Enrolled agents.",
+        known as u64,
+    );
+    put(
+        "octo_tasks_created_total",
+        "counter",
+        "Tasks created.",
+        m.tasks_created.load(Relaxed),
+    );
+    put(
+        "octo_results_stored_total",
+        "counter",
+        "Host results stored.",
+        m.results_stored.load(Relaxed),
+    );
+    put(
+        "octo_result_commits_total",
+        "counter",
+        "Group commits of results.",
+        m.result_commits.load(Relaxed),
+    );
+    put(
+        "octo_enrollments_total",
+        "counter",
+        "Enrollments granted.",
+        m.enrollments_ok.load(Relaxed),
+    );
+    put(
+        "octo_enrollments_refused_total",
+        "counter",
+        "Enrollments refused.",
+        m.enrollments_refused.load(Relaxed),
+    );
+    put(
+        "octo_sessions_opened_total",
+        "counter",
+        "Agent sessions opened.",
+        m.sessions_opened.load(Relaxed),
+    );
+    put(
+        "octo_sessions_refused_total",
+        "counter",
+        "Control connections refused.",
+        m.sessions_refused.load(Relaxed),
+    );
+    Ok(out)
 }
 
 #[derive(Debug, Deserialize)]

@@ -20,6 +20,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -119,6 +120,19 @@ pub(crate) struct Inner {
     pub running: Mutex<HashSet<(u64, String)>>,
     /// Results to store, committed in groups by `committer`.
     finish_tx: mpsc::UnboundedSender<Finished>,
+    pub metrics: Metrics,
+}
+
+/// Counters for `/api/v1/metrics` (Prometheus text format).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub tasks_created: AtomicU64,
+    pub results_stored: AtomicU64,
+    pub result_commits: AtomicU64,
+    pub enrollments_ok: AtomicU64,
+    pub enrollments_refused: AtomicU64,
+    pub sessions_opened: AtomicU64,
+    pub sessions_refused: AtomicU64,
 }
 
 /// A result from an agent, waiting for the group commit.
@@ -260,6 +274,7 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         live: Mutex::new(HashMap::new()),
         running: Mutex::new(HashSet::new()),
         finish_tx,
+        metrics: Metrics::default(),
         store,
         ca,
         heartbeat: cfg.heartbeat,
@@ -383,7 +398,13 @@ async fn serve_enroll(inner: &Inner, conn: Connection) {
         }
     };
     if let EnrollResponse::Refused(why) = &resp {
+        inner
+            .metrics
+            .enrollments_refused
+            .fetch_add(1, Ordering::Relaxed);
         warn!(%remote, "enrollment refused: {why}");
+    } else {
+        inner.metrics.enrollments_ok.fetch_add(1, Ordering::Relaxed);
     }
     let _ = proto::write_msg(&mut send, &resp).await;
     let _ = send.finish();
@@ -467,6 +488,10 @@ async fn serve_ctl(inner: Arc<Inner>, conn: Connection, cancel: CancellationToke
     {
         Ok(h) => h,
         Err(e) => {
+            inner
+                .metrics
+                .sessions_refused
+                .fetch_add(1, Ordering::Relaxed);
             warn!(%remote, "closing control connection: {e}");
             conn.close(
                 VarInt::from_u32(code::UNAUTHORIZED),
@@ -546,6 +571,10 @@ async fn serve_ctl(inner: Arc<Inner>, conn: Connection, cancel: CancellationToke
         // The old connection's writer ends when its sender is dropped.
         drop(old);
     }
+    inner
+        .metrics
+        .sessions_opened
+        .fetch_add(1, Ordering::Relaxed);
     info!(%host, %remote, "agent online");
     let welcome = CenterMsg::Welcome {
         heartbeat_ms: inner.heartbeat.as_millis() as u64,
@@ -870,6 +899,10 @@ pub(crate) fn send_to(inner: &Inner, host: &str, msg: CenterMsg) -> bool {
     sessions.get(host).is_some_and(|s| s.tx.send(msg).is_ok())
 }
 
+pub(crate) fn online_count(inner: &Inner) -> usize {
+    inner.sessions.lock().unwrap().len()
+}
+
 pub(crate) fn is_online(inner: &Inner, host: &str) -> bool {
     inner.sessions.lock().unwrap().contains_key(host)
 }
@@ -950,6 +983,7 @@ async fn committer(
                 continue;
             }
         };
+        inner.metrics.result_commits.fetch_add(1, Ordering::Relaxed);
         let mut tasks = std::collections::BTreeSet::new();
         for (f, stored) in batch.into_iter().zip(stored) {
             // Acknowledge even a duplicate report, so the agent forgets it.
