@@ -701,7 +701,14 @@ impl Driver {
                     Some(ev) => self.handle(ev),
                     None => break,
                 },
-                _ = sleep => self.swarm.handle_timeout(Instant::now()),
+                _ = sleep => {
+                    let before = self.swarm.stats().requests_timed_out;
+                    self.swarm.handle_timeout(Instant::now());
+                    let n = self.swarm.stats().requests_timed_out - before;
+                    if n > 0 {
+                        info!(requests = n, "requests timed out; asking elsewhere");
+                    }
+                }
                 _ = tick.tick() => self.announce(),
             }
             self.drain();

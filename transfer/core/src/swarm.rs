@@ -45,6 +45,9 @@ use crate::{
 /// While a non-seed peer is connected, at most this many requests go to one seed.
 /// The swarm at large should be the main source; see the module docs.
 const SEED_WINDOW: usize = 2;
+/// A queued request passed over for this many times `upload_slots` uploads is served
+/// next (see `fill_upload_slots`).
+const STARVE_AFTER_SLOTS: u64 = 16;
 
 /// Deterministic xorshift64* generator: the tie-break needs no cryptographic quality,
 /// only reproducibility from `Config::rng_seed`.
@@ -77,7 +80,8 @@ struct Peer {
     /// Their pieces; `None` until their first message (which must be the bitfield).
     bitfield: Option<Bitfield>,
     /// Their requests waiting for an upload slot, oldest first.
-    queued: VecDeque<PieceIndex>,
+    /// With the value of `Swarm::uploads_started` when each was queued (its age).
+    queued: VecDeque<(PieceIndex, u64)>,
     /// Pieces they rejected, failed or timed out on: asked elsewhere when possible.
     avoid: BTreeSet<PieceIndex>,
     /// How many requests we may have outstanding to them (AIMD on timeouts).
@@ -114,6 +118,8 @@ pub struct Swarm {
     /// How many uploads of each piece we have started: a free slot goes to the queued
     /// request for the piece sent fewest times, so a seed injects new pieces.
     sent: Vec<u32>,
+    /// Uploads started so far: the clock that ages queued requests.
+    uploads_started: u64,
     /// The minimum of `sent`, and how many pieces are at it (kept by `start_upload`).
     sent_min: u32,
     at_sent_min: u32,
@@ -150,6 +156,7 @@ impl Swarm {
             uploads: Vec::new(),
             sent: vec![0; piece_count as usize],
             sent_min: 0,
+            uploads_started: 0,
             at_sent_min: piece_count,
             upload_rr: VecDeque::new(),
             transmits: VecDeque::new(),
@@ -444,11 +451,11 @@ impl Swarm {
             if p.queued.len() > self.config.max_queued_requests_per_peer {
                 return Err(format!("peer {id} has {} queued requests", p.queued.len()));
             }
-            for (k, &q) in p.queued.iter().enumerate() {
+            for (k, &(q, _)) in p.queued.iter().enumerate() {
                 if !self.pieces.have().get(q) {
                     return Err(format!("peer {id} queued piece {q} we do not have"));
                 }
-                if p.queued.iter().take(k).any(|&o| o == q)
+                if p.queued.iter().take(k).any(|&(o, _)| o == q)
                     || self.uploads.iter().any(|u| u.peer == id && u.piece == q)
                 {
                     return Err(format!("peer {id} piece {q} queued twice"));
@@ -515,7 +522,7 @@ impl Swarm {
             .uploads
             .iter()
             .any(|u| u.peer == peer && u.piece == piece && !u.aborted);
-        if active || p.queued.contains(&piece) {
+        if active || p.queued.iter().any(|&(q, _)| q == piece) {
             return; // a repeated request: already being served
         }
         let busy = self.uploads.len() >= self.config.upload_slots;
@@ -530,8 +537,9 @@ impl Swarm {
             let msg = PeerMsg::Reject(piece);
             self.transmits.push_back(Transmit::Control { peer, msg });
         } else {
+            let age = self.uploads_started;
             let p = self.peer_mut(peer);
-            p.queued.push_back(piece);
+            p.queued.push_back((piece, age));
             if p.queued.len() == 1 {
                 self.upload_rr.push_back(peer);
             }
@@ -540,7 +548,7 @@ impl Swarm {
 
     fn on_cancel(&mut self, peer: PeerId, piece: PieceIndex) {
         let p = self.peer_mut(peer);
-        if let Some(pos) = p.queued.iter().position(|&q| q == piece) {
+        if let Some(pos) = p.queued.iter().position(|&(q, _)| q == piece) {
             p.queued.remove(pos);
             if p.queued.is_empty() {
                 self.upload_rr.retain(|&r| r != peer);
@@ -569,6 +577,7 @@ impl Swarm {
     }
 
     fn start_upload(&mut self, peer: PeerId, piece: PieceIndex) {
+        self.uploads_started += 1;
         self.sent[piece as usize] += 1;
         if self.sent[piece as usize] == self.sent_min + 1 {
             self.at_sent_min -= 1;
@@ -588,26 +597,37 @@ impl Swarm {
     }
 
     /// Gives free slots to queued requests: the piece we sent fewest times first, then
-    /// the rarest, then round-robin across peers (oldest first within a peer).
+    /// the rarest, then round-robin across peers (oldest first within a peer). A
+    /// request passed over for `STARVE_AFTER_SLOTS` x `upload_slots` uploads goes
+    /// first, oldest first: without that, a request for a piece we have sent often
+    /// waited behind a stream of fresher ones until its requester timed it out (30 s
+    /// stragglers in the namespace benchmark).
     fn fill_upload_slots(&mut self) {
+        let starve = STARVE_AFTER_SLOTS * self.config.upload_slots.max(1) as u64;
         while self.uploads.len() < self.config.upload_slots && !self.upload_rr.is_empty() {
-            let mut best: Option<((u32, u32, usize), usize)> = None;
+            let mut best: Option<((bool, u64, u32, usize), usize)> = None;
             for (k, peer) in self.upload_rr.iter().enumerate() {
-                for (j, &piece) in self.peers[peer].queued.iter().enumerate() {
-                    let key = (
-                        self.sent[piece as usize],
-                        self.pieces.availability(piece),
-                        k,
-                    );
+                for (j, &(piece, queued_at)) in self.peers[peer].queued.iter().enumerate() {
+                    let starved = self.uploads_started - queued_at >= starve;
+                    let key = if starved {
+                        (false, queued_at, 0, k)
+                    } else {
+                        (
+                            true,
+                            u64::from(self.sent[piece as usize]),
+                            self.pieces.availability(piece),
+                            k,
+                        )
+                    };
                     if best.is_none_or(|(b, _)| key < b) {
                         best = Some((key, j));
                     }
                 }
             }
-            let ((_, _, k), j) = best.expect("peers in rotation have queued requests");
+            let ((_, _, _, k), j) = best.expect("peers in rotation have queued requests");
             let peer = self.upload_rr.remove(k).expect("index from the rotation");
             let p = self.peer_mut(peer);
-            let piece = p.queued.remove(j).expect("index from the queue");
+            let (piece, _) = p.queued.remove(j).expect("index from the queue");
             if !p.queued.is_empty() {
                 self.upload_rr.push_back(peer);
             }

@@ -162,3 +162,48 @@ proptest! {
         }
     }
 }
+
+/// A request for a piece we already sent often must not wait forever behind a steady
+/// stream of requests for fresher pieces: it is served within a bounded number of
+/// uploads (16 x the slots), long before its requester would time it out.
+#[test]
+fn an_often_sent_piece_is_not_starved_by_fresher_requests() {
+    let now = Instant::now();
+    let n = 200;
+    let config = Config {
+        upload_slots: 1,
+        ..Config::default()
+    };
+    let mut s = Swarm::new(config, n, Bitfield::full(n), now);
+    for p in 1..=3 {
+        s.handle_peer_connected(now, p);
+        s.handle_message(now, p, PeerMsg::Bitfield(Bitfield::new(n)));
+    }
+    while s.poll_transmit().is_some() {}
+    // Peer 1 takes piece 0 (the only slot); peer 2 then asks for it too and queues.
+    s.handle_message(now, 1, PeerMsg::Request(0));
+    s.handle_message(now, 2, PeerMsg::Request(0));
+    let mut current = (1u64, 0u32);
+    let mut served_after = None;
+    for i in 1..100u32 {
+        // Peer 3 keeps a fresh, never-sent piece queued at all times.
+        s.handle_message(now, 3, PeerMsg::Request(i));
+        while s.poll_transmit().is_some() {}
+        s.handle_upload_finished(now, current.0, current.1);
+        let started: Vec<(u64, u32)> = std::iter::from_fn(|| s.poll_transmit())
+            .filter_map(|t| match t {
+                octopus_swarm::Transmit::Upload { peer, piece } => Some((peer, piece)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(started.len(), 1, "one slot, one upload at a time");
+        current = started[0];
+        if current == (2, 0) {
+            served_after = Some(i);
+            break;
+        }
+    }
+    let after = served_after.expect("peer 2's request was never served");
+    assert!(after <= 17, "served only after {after} other uploads");
+    s.check_invariants().unwrap();
+}
