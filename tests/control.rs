@@ -748,3 +748,64 @@ fn batches_stop_at_max_failures_and_cancel_kills_running_commands() {
     assert_eq!(t["state"], "cancelled");
     assert_eq!(host_state(&t, "host-2"), "cancelled");
 }
+
+#[test]
+fn a_result_made_while_the_center_was_down_is_recorded_and_a_stale_task_expires() {
+    let mut f = Fleet::start(2);
+    // host-1 runs something slow; the center dies meanwhile and comes back after.
+    let (code, out, _) = f.octo(&[
+        "exec",
+        "--async",
+        "--json",
+        "host-1",
+        "--",
+        "sleep 2; echo finished",
+    ]);
+    assert_eq!(code, 0);
+    let id = serde_json::from_str::<Value>(out.lines().next().unwrap()).unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    f.center.kill9();
+    std::thread::sleep(Duration::from_secs(3));
+    let (c2, _, _, _) = start_center(f.dir.path(), &f.addr, "center-2");
+    f.center = c2;
+    let (code, out, err) = f.octo(&["task", "wait", &id.to_string(), "--json"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let t = &summary(&out)["task"];
+    assert_eq!(host_state(t, "host-1"), "ok");
+    assert_eq!(t["hosts"][0]["stdout"], "finished\n");
+
+    // A task for an offline host whose TTL passes is marked expired, not run later.
+    f.agent("host-2").kill9();
+    assert!(wait_until(T, || !f.online("host-2")));
+    let marker = f.dir.path().join("late");
+    let cmd = format!("touch {}", marker.display());
+    let (_, out, _) = f.octo(&["exec", "--json", "--ttl", "1s", "host-2", "--", &cmd]);
+    let id = summary(&out)["id"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let data = f.dir.path().join("agent-host-2");
+    let mut back = Octo::spawn(
+        &bin(),
+        "host-2b",
+        f.dir.path(),
+        &[
+            "agent",
+            "--center",
+            &f.addr,
+            "--data-dir",
+            &data.display().to_string(),
+            "--name",
+            "host-2",
+            "--json",
+        ],
+        &[],
+    );
+    back.wait_event("ready", T);
+    assert!(wait_until(T, || f.online("host-2")));
+    let (_, out, _) = f.octo(&["task", "show", &id.to_string(), "--json"]);
+    let t: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(host_state(&t, "host-2"), "expired", "{t}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!marker.exists(), "an expired task ran");
+}
