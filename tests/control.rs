@@ -809,3 +809,100 @@ fn a_result_made_while_the_center_was_down_is_recorded_and_a_stale_task_expires(
     std::thread::sleep(Duration::from_secs(1));
     assert!(!marker.exists(), "an expired task ran");
 }
+
+impl Fleet {
+    /// An agent in its own mount namespace with a private tmpfs on `view`: several
+    /// agents on one machine, each with its own file system there.
+    fn add_isolated_agent(&mut self, name: &str, view: &Path) {
+        let data = self.dir.path().join(format!("agent-{name}"));
+        let script = format!(
+            "mount -t tmpfs -o size=64m tmpfs {} && exec {} agent --center {} --token {} --data-dir {} --name {} --json",
+            view.display(),
+            bin().display(),
+            self.addr,
+            self.enroll,
+            data.display(),
+            name
+        );
+        let mut a = Octo::spawn(
+            Path::new("unshare"),
+            name,
+            self.dir.path(),
+            &["-m", "--propagation", "private", "sh", "-c", &script],
+            &[],
+        );
+        a.wait_event("ready", T);
+        self.agents.push((name.to_string(), a));
+    }
+}
+
+#[test]
+fn cp_copies_a_file_and_a_tree_to_every_agent_peer_to_peer() {
+    let mut f = Fleet::start(0);
+    let view = f.dir.path().join("view");
+    std::fs::create_dir_all(&view).unwrap();
+    for i in 1..=3 {
+        f.add_isolated_agent(&format!("node-{i}"), &view);
+    }
+    f.wait_online(3);
+    let src = f.dir.path().join("release.tar");
+    octopus_tests::write_random(&src, 6 << 20, 11);
+    let want = crate::md5_hex(&src);
+
+    let dest = format!("all:{}/app/release.tar", view.display());
+    let (code, out, err) = f.octo(&[
+        "cp",
+        "--mkdir",
+        "--mode",
+        "0640",
+        "--json",
+        &src.display().to_string(),
+        &dest,
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let t = &summary(&out)["task"];
+    assert_eq!(summary(&out)["ok"], 3, "{t}");
+    for h in t["hosts"].as_array().unwrap() {
+        assert!(h["stdout"].as_str().unwrap().contains(&want), "{h}");
+    }
+    // Each host has it in its own file system, with the asked mode; the test process
+    // (outside those namespaces) sees none of it.
+    assert!(!view.join("app").exists());
+    let check = format!(
+        "md5sum {0}/app/release.tar; stat -c %a {0}/app/release.tar",
+        view.display()
+    );
+    let (code, out, err) = f.octo(&["exec", "all", "--", &check]);
+    assert_eq!(code, 0, "{err}");
+    for i in 1..=3 {
+        assert!(out.contains(&format!("node-{i}: {want}")), "{out}");
+        assert!(out.contains(&format!("node-{i}: 640")), "{out}");
+    }
+
+    // A tree with -r; without -r it is refused.
+    let tree = f.dir.path().join("site");
+    std::fs::create_dir_all(tree.join("static")).unwrap();
+    std::fs::write(tree.join("index.html"), "hello").unwrap();
+    std::fs::write(tree.join("static/app.js"), "js").unwrap();
+    let dest = format!("node-*:{}/", view.display());
+    let (code, _, err) = f.octo(&["cp", &tree.display().to_string(), &dest]);
+    assert_ne!(code, 0);
+    assert!(err.contains("-r"), "{err}");
+    let (code, out, err) = f.octo(&["cp", "-r", &tree.display().to_string(), &dest]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (_, out, _) = f.octo(&[
+        "exec",
+        "all",
+        "--",
+        &format!("cat {}/site/static/app.js", view.display()),
+    ]);
+    assert_eq!(out.matches(": js").count(), 3, "{out}");
+
+    // Escapes are refused before anything moves.
+    let (code, _, err) = f.octo(&["cp", &src.display().to_string(), "all:/tmp/../etc/x"]);
+    assert_ne!(code, 0);
+    assert!(err.contains(".."), "{err}");
+    let (code, _, err) = f.octo(&["cp", &src.display().to_string(), "all:relative/x"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("absolute"), "{err}");
+}

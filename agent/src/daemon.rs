@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::exec::{self, ExecSpec, OutStream};
+use crate::exec::{self, OutStream};
 use crate::hostinfo::{self, Sampler};
 use crate::proto::{
     self, code, AgentMsg, CenterMsg, EnrollRequest, EnrollResponse, Outcome, TaskBody, ALPN_CTL,
@@ -259,7 +259,7 @@ struct State {
     journal: Mutex<Journal>,
     /// The current session's outgoing queue, if connected.
     session: Mutex<Option<mpsc::UnboundedSender<AgentMsg>>>,
-    queue: Mutex<VecDeque<(u64, ExecSpec)>>,
+    queue: Mutex<VecDeque<(u64, TaskBody)>>,
     queued: Notify,
     /// Cancellation of the running task, by id.
     running: Mutex<BTreeMap<u64, CancellationToken>>,
@@ -462,8 +462,7 @@ fn on_center_msg(state: &Arc<State>, tx: &mpsc::UnboundedSender<AgentMsg>, m: Ce
             }
             drop(j);
             let _ = tx.send(AgentMsg::Ack { task });
-            let TaskBody::Exec(spec) = body;
-            state.queue.lock().unwrap().push_back((task, spec));
+            state.queue.lock().unwrap().push_back((task, body));
             state.queued.notify_one();
         }
         CenterMsg::Cancel { task } => {
@@ -483,7 +482,7 @@ fn on_center_msg(state: &Arc<State>, tx: &mpsc::UnboundedSender<AgentMsg>, m: Ce
 async fn runner(state: Arc<State>, cancel: CancellationToken, simulate: bool) {
     loop {
         let next = state.queue.lock().unwrap().pop_front();
-        let Some((task, spec)) = next else {
+        let Some((task, body)) = next else {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = state.queued.notified() => continue,
@@ -516,11 +515,20 @@ async fn runner(state: Arc<State>, cancel: CancellationToken, simulate: bool) {
                     });
                 }
             };
+            let work = async {
+                match &body {
+                    TaskBody::Exec(spec) => match exec::run(spec, on_output).await {
+                        Ok(x) => Outcome::Ran(x),
+                        Err(e) => Outcome::Error(e.to_string()),
+                    },
+                    TaskBody::Fetch(spec) => match crate::fetch::run(spec).await {
+                        Ok(x) => Outcome::Ran(x),
+                        Err(e) => Outcome::Error(e),
+                    },
+                }
+            };
             let out = tokio::select! {
-                r = exec::run(&spec, on_output) => match r {
-                    Ok(x) => Outcome::Ran(x),
-                    Err(e) => Outcome::Error(e.to_string()),
-                },
+                o = work => o,
                 // Dropping the run kills its whole process group.
                 _ = stop.cancelled() => Outcome::Cancelled,
                 _ = cancel.cancelled() => return,

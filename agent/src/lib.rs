@@ -1,5 +1,6 @@
 //! Octopus agent: the daemon on every host (see ARCHITECTURE.md).
 pub mod daemon;
 pub mod exec;
+pub mod fetch;
 pub mod hostinfo;
 pub mod proto;

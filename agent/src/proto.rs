@@ -64,10 +64,30 @@ pub enum EnrollResponse {
     Refused(String),
 }
 
-/// What a task asks an agent to do.
+/// What a task asks an agent to do. New variants go at the end: stored tasks are
+/// postcard, which numbers variants by position.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum TaskBody {
     Exec(ExecSpec),
+    Fetch(FetchSpec),
+}
+
+/// Fetch content over the transfer engine into `dest` (`octo cp`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchSpec {
+    /// The transfer ticket (content id, the seeder's addresses and fingerprint).
+    pub ticket: String,
+    /// Absolute destination, with cp's semantics: an existing directory receives the
+    /// content under its own name, otherwise a single root is renamed to `dest`.
+    pub dest: String,
+    /// Create missing parent directories.
+    pub mkdir: bool,
+    /// Permission bits to set on every fetched file, instead of the source's.
+    pub mode: Option<u32>,
+    pub limit_down: Option<u64>,
+    pub limit_up: Option<u64>,
+    /// Keep serving the content to other agents this long after it is verified.
+    pub linger_ms: u64,
 }
 
 /// How a task ended on a host, as the agent reports it.

@@ -405,6 +405,19 @@ struct NewTask {
     batch: Option<String>,
     #[serde(default)]
     max_failures: Option<u32>,
+    /// For kind "fetch" (`octo cp`): the transfer ticket and where to put the content.
+    #[serde(default)]
+    ticket: Option<String>,
+    #[serde(default)]
+    dest: Option<String>,
+    #[serde(default)]
+    mkdir: bool,
+    #[serde(default)]
+    mode: Option<u32>,
+    #[serde(default)]
+    limit_down: Option<u64>,
+    #[serde(default)]
+    limit_up: Option<u64>,
 }
 
 async fn create_task(
@@ -414,13 +427,53 @@ async fn create_task(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller.require(Scope::Operator)?;
     let Json(t) = body?;
+    let batch = match &t.batch {
+        Some(b) => b.parse::<Batch>().map_err(ApiError::bad_request)?,
+        None => Batch::All,
+    };
+    let ttl = Duration::from_millis(t.ttl_ms.unwrap_or(3_600_000));
+    if t.kind.as_deref() == Some("fetch") {
+        let (Some(ticket), Some(dest)) = (t.ticket, t.dest) else {
+            return Err(ApiError::bad_request("a fetch needs a ticket and a dest"));
+        };
+        if !dest.starts_with('/') || dest.split('/').any(|c| c == ".." || c == ".") {
+            return Err(ApiError::bad_request(format!(
+                "destination {dest:?} must be absolute, without '.' or '..'"
+            )));
+        }
+        let spec = octopus_agent::proto::FetchSpec {
+            ticket,
+            dest: dest.clone(),
+            mkdir: t.mkdir,
+            mode: t.mode,
+            limit_down: t.limit_down,
+            limit_up: t.limit_up,
+            linger_ms: 30_000,
+        };
+        let rec = center::create_task(
+            &inner,
+            &caller.token_id,
+            center::TaskRequest {
+                target: t.target,
+                body: TaskBody::Fetch(spec),
+                summary: format!("cp -> {dest}"),
+                ttl,
+                batch,
+                max_failures: t.max_failures,
+            },
+        )?;
+        return Ok((
+            StatusCode::CREATED,
+            Json(json!({ "id": rec.id, "hosts": rec.hosts })),
+        ));
+    }
     let kind = match t.kind.as_deref().unwrap_or("shell") {
         "shell" => ExecKind::Shell,
         "python" => ExecKind::Python,
         "jar" => ExecKind::Jar,
         k => {
             return Err(ApiError::bad_request(format!(
-                "unknown kind {k:?}: use shell, python or jar"
+                "unknown kind {k:?}: use shell, python, jar or fetch"
             )))
         }
     };
@@ -432,10 +485,6 @@ async fn create_task(
             "a script may hold at most {MAX_SCRIPT} bytes"
         )));
     }
-    let batch = match &t.batch {
-        Some(b) => b.parse::<Batch>().map_err(ApiError::bad_request)?,
-        None => Batch::All,
-    };
     let summary = match &t.script {
         Some(_) => format!("{} script", t.kind.as_deref().unwrap_or("shell")),
         None => std::iter::once(t.command.clone())
@@ -460,7 +509,7 @@ async fn create_task(
             target: t.target,
             body: TaskBody::Exec(spec),
             summary,
-            ttl: Duration::from_millis(t.ttl_ms.unwrap_or(3_600_000)),
+            ttl,
             batch,
             max_failures: t.max_failures,
         },

@@ -749,3 +749,107 @@ pub async fn agent(o: AgentOpts) -> Result<()> {
     h.shutdown().await;
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct CpArgs {
+    /// Copy directories (and everything under them).
+    #[arg(short = 'r', long)]
+    pub recursive: bool,
+    /// Create missing parent directories of DEST.
+    #[arg(long)]
+    pub mkdir: bool,
+    /// Octal mode for every copied file (e.g. 0644) instead of the source's.
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Upload limit of this seeder (see RATE in `octo --help`).
+    #[arg(long, value_parser = crate::parse_rate_arg)]
+    pub limit_up: Option<u64>,
+    /// Download limit of every agent for this copy.
+    #[arg(long, value_parser = crate::parse_rate_arg)]
+    pub limit_down: Option<u64>,
+    /// Roll out in waves of N hosts or N% of them.
+    #[arg(long)]
+    pub batch: Option<String>,
+    /// Offline hosts still get the copy if they return within this long (while this
+    /// command still runs and seeds).
+    #[arg(long, default_value = "1h", value_parser = crate::parse_duration)]
+    pub ttl: Duration,
+    #[arg(long)]
+    pub json: bool,
+    /// SRC... TARGET:DEST (DEST absolute on the hosts; a directory receives the sources
+    /// under their names).
+    #[arg(required = true, num_args = 2..)]
+    pub args: Vec<String>,
+}
+
+/// `octo cp`: this process seeds the sources over the transfer engine, the center
+/// queues a fetch on every target host, and the agents fetch peer to peer (from
+/// this seeder and from each other). Returns true iff every host got the content.
+pub async fn cp(conn: Conn, a: CpArgs) -> Result<bool> {
+    let (srcs, to) = a.args.split_at(a.args.len() - 1);
+    let (target, dest) = to[0]
+        .split_once(':')
+        .with_context(|| format!("reading {:?}: the last argument must be TARGET:DEST", to[0]))?;
+    let mut roots = Vec::new();
+    for s in srcs {
+        let p = PathBuf::from(s);
+        let m = std::fs::metadata(&p).with_context(|| format!("reading the source {s}"))?;
+        if m.is_dir() && !a.recursive {
+            bail!("{s} is a directory: pass -r to copy directories");
+        }
+        roots.push(p);
+    }
+    let dest = if roots.len() > 1 && !dest.ends_with('/') {
+        format!("{dest}/")
+    } else {
+        dest.to_string()
+    };
+    let mode = match &a.mode {
+        Some(m) => Some(
+            u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                .with_context(|| format!("reading --mode {m:?}: expected octal like 0644"))?,
+        ),
+        None => None,
+    };
+    let cfg = octopus_transfer::node::NodeConfig {
+        listen: "0.0.0.0:0".parse().expect("valid"),
+        limit_up: a.limit_up,
+        ..Default::default()
+    };
+    let seed = octopus_transfer::node::share(
+        cfg,
+        roots,
+        octopus_transfer::manifest::BuildOptions::default(),
+    )
+    .await
+    .context("hashing and serving the sources")?;
+    let ticket = seed.ticket().encode();
+    let total = seed.manifest().total_size();
+    let body = json!({
+        "target": target, "kind": "fetch", "ticket": ticket, "dest": dest, "mkdir": a.mkdir,
+        "mode": mode, "limit_down": a.limit_down, "ttl_ms": a.ttl.as_millis() as u64,
+        "batch": a.batch,
+    });
+    let json_out = a.json;
+    let res = tokio::task::spawn_blocking(move || -> Result<bool> {
+        let c = Client::new(&conn)?;
+        let created = c.post("creating the copy task", "/tasks", &body)?;
+        let id = created["id"]
+            .as_u64()
+            .context("the center gave no task id")?;
+        let hosts = created["hosts"].as_array().map_or(0, Vec::len);
+        if json_out {
+            println!(
+                "{}",
+                json!({"event": "created", "id": id, "hosts": created["hosts"], "bytes": total})
+            );
+        } else {
+            eprintln!("task {id}: copying {total} bytes to {hosts} host(s)");
+        }
+        follow(&c, id, json_out)
+    })
+    .await
+    .context("joining the API client")?;
+    seed.shutdown().await;
+    res
+}

@@ -133,6 +133,14 @@ enum Cmd {
         #[command(flatten)]
         args: ctl::ExecArgs,
     },
+    /// Copy files or directories to hosts, peer to peer: SRC... TARGET:DEST.
+    #[command(after_help = RATE_HELP)]
+    Cp {
+        #[command(flatten)]
+        conn: ctl::Conn,
+        #[command(flatten)]
+        args: ctl::CpArgs,
+    },
     /// Inspect, follow or cancel tasks.
     Task {
         #[command(flatten)]
@@ -212,6 +220,7 @@ fn main() -> ExitCode {
         Cmd::SwarmBench(a) => a.json,
         Cmd::Load(a) => a.json,
         Cmd::Exec { args, .. } => args.json,
+        Cmd::Cp { args, .. } => args.json,
         Cmd::Task { cmd, .. } => match cmd {
             ctl::TaskCmd::List { json, .. }
             | ctl::TaskCmd::Show { json, .. }
@@ -279,6 +288,7 @@ fn main() -> ExitCode {
             // The API clients block on HTTP; nothing else runs on this runtime then.
             Cmd::Agents { conn, target, json } => ctl::agents(&conn, target, json),
             Cmd::Exec { conn, args } => return ctl::exec(&conn, args),
+            Cmd::Cp { conn, args } => return ctl::cp(conn, args).await,
             Cmd::Task { conn, cmd } => return ctl::task(&conn, cmd),
             Cmd::Token { conn, cmd } => ctl::token(&conn, cmd),
             Cmd::Audit { conn, limit, json } => ctl::audit(&conn, limit, json),
