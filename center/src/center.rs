@@ -121,6 +121,9 @@ pub(crate) struct Inner {
     /// Results to store, committed in groups by `committer`.
     finish_tx: mpsc::UnboundedSender<Finished>,
     pub metrics: Metrics,
+    /// Bodies of running tasks (and their expiry), so pumping a host's queue does not
+    /// decode the whole task record (with its list of every host) once per host.
+    bodies: Mutex<HashMap<u64, Arc<(TaskBody, u64)>>>,
 }
 
 /// Counters for `/api/v1/metrics` (Prometheus text format).
@@ -275,6 +278,7 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         running: Mutex::new(HashSet::new()),
         finish_tx,
         metrics: Metrics::default(),
+        bodies: Mutex::new(HashMap::new()),
         store,
         ca,
         heartbeat: cfg.heartbeat,
@@ -657,10 +661,10 @@ fn pump_queue(
         if sent.contains(&task) {
             continue;
         }
-        let Ok(Some(rec)) = inner.store.get_task(task) else {
+        let Some(cached) = task_body(inner, task) else {
             continue;
         };
-        let expires_at = rec.created_at.saturating_add(rec.ttl_ms);
+        let expires_at = cached.1;
         let state = inner
             .store
             .result(task, host)
@@ -681,13 +685,7 @@ fn pump_queue(
             }
             continue;
         }
-        let body = match postcard::from_bytes::<TaskBody>(&rec.body) {
-            Ok(b) => b,
-            Err(e) => {
-                warn!(task, "undecodable task body: {e}");
-                continue;
-            }
-        };
+        let body = cached.0.clone();
         sent.insert(task);
         let _ = tx.send(CenterMsg::Task {
             task,
@@ -695,6 +693,28 @@ fn pump_queue(
             expires_at,
         });
     }
+}
+
+/// A task's body and expiry, from the cache or the store.
+fn task_body(inner: &Inner, task: u64) -> Option<Arc<(TaskBody, u64)>> {
+    if let Some(b) = inner.bodies.lock().unwrap().get(&task) {
+        return Some(b.clone());
+    }
+    let rec = inner.store.get_task(task).ok()??;
+    let body = match postcard::from_bytes::<TaskBody>(&rec.body) {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(task, "undecodable task body: {e}");
+            return None;
+        }
+    };
+    let entry = Arc::new((body, rec.created_at.saturating_add(rec.ttl_ms)));
+    let mut cache = inner.bodies.lock().unwrap();
+    if cache.len() > 10_000 {
+        cache.clear();
+    }
+    cache.insert(task, entry.clone());
+    Some(entry)
 }
 
 fn handle_agent_msg(
@@ -811,6 +831,7 @@ pub(crate) fn after_host_final(inner: &Inner, task: u64) {
         return;
     };
     if rec.state != TaskState::Running {
+        inner.bodies.lock().unwrap().remove(&task);
         inner.events_changed.notify_waiters();
         return;
     }

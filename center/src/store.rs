@@ -412,6 +412,8 @@ pub trait Store: Send + Sync + 'static {
     fn results(&self, task: u64) -> Result<Vec<HostResult>, StoreError>;
     /// One host's result of one task.
     fn result(&self, task: u64, host: &str) -> Result<Option<HostResult>, StoreError>;
+    /// How many hosts of `task` are not final yet (0 for an unknown task).
+    fn open_hosts(&self, task: u64) -> Result<u64, StoreError>;
     /// The entries in `host`'s queue as `(seq, task id)`, oldest first.
     fn queue_for(&self, host: &str) -> Result<Vec<(u64, u64)>, StoreError>;
     /// Every queue entry of every host as `(host, seq, task id)`, by host then seq
@@ -901,6 +903,15 @@ impl Store for RedbStore {
             out.push(decode("results", v.value())?);
         }
         Ok(out)
+    }
+
+    fn open_hosts(&self, task: u64) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(OPEN)?;
+        match t.get(task)? {
+            Some(v) => decode::<u64>("open", v.value()),
+            None => Ok(0),
+        }
     }
 
     fn result(&self, task: u64, host: &str) -> Result<Option<HostResult>, StoreError> {
