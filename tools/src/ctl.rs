@@ -248,10 +248,19 @@ pub fn agents(conn: &Conn, target: Option<String>, json_out: bool) -> Result<()>
             (Some(u), Some(t)) if t > 0 => format!("{}/{}M", u >> 20, t >> 20),
             _ => "-".into(),
         };
+        let status = match (a["status"].as_str(), a["offline_since"].as_u64()) {
+            (Some("offline"), Some(since)) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                format!("off {}", ago(now.saturating_sub(since)))
+            }
+            (s, _) => s.unwrap_or("").to_string(),
+        };
         println!(
             "{:<20} {:<8} {:<18} {:<24} {:>6} {:>11} {:>6}",
             a["name"].as_str().unwrap_or(""),
-            a["status"].as_str().unwrap_or(""),
+            status,
             a["addrs"][0].as_str().unwrap_or("-"),
             tags.join(","),
             r["cpu_pct"]
@@ -264,6 +273,17 @@ pub fn agents(conn: &Conn, target: Option<String>, json_out: bool) -> Result<()>
         );
     }
     Ok(())
+}
+
+/// A short age: 42s, 5m, 3h, 2d.
+fn ago(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
 }
 
 fn urlencode(s: &str) -> String {
