@@ -906,3 +906,82 @@ fn cp_copies_a_file_and_a_tree_to_every_agent_peer_to_peer() {
     assert_ne!(code, 0);
     assert!(err.contains("absolute"), "{err}");
 }
+
+#[test]
+fn cp_to_an_agent_killed_mid_transfer_completes_and_resumes() {
+    let mut f = Fleet::start(1);
+    let src = f.dir.path().join("big.bin");
+    octopus_tests::write_random(&src, 40 << 20, 5);
+    let want = crate::md5_hex(&src);
+    let dest = f.dir.path().join("out").join("big.bin");
+    let mut cp = Octo::spawn(
+        &bin(),
+        "cp",
+        f.dir.path(),
+        &[
+            "cp",
+            "--json",
+            "--mkdir",
+            "--limit-down",
+            "8MB",
+            &src.display().to_string(),
+            &format!("host-1:{}", dest.display()),
+        ],
+        &[
+            ("OCTO_CENTER", f.api.as_str()),
+            ("OCTO_TOKEN", f.admin.as_str()),
+        ],
+    );
+    cp.wait_event("created", T);
+    // Let it get part of the way (40 MiB at 8 MB/s is 5 s), then kill the agent hard.
+    let staging_pieces = || {
+        std::fs::read_dir(f.dir.path().join("out"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|d| {
+                std::fs::read(d.path().join("verified"))
+                    .map(|b| b.iter().filter(|x| **x == 1).count() > 20)
+                    .unwrap_or(false)
+            })
+    };
+    assert!(wait_until(T, staging_pieces), "no progress before the kill");
+    f.agent("host-1").kill9();
+    let data = f.dir.path().join("agent-host-1");
+    let mut again = Octo::spawn(
+        &bin(),
+        "host-1b",
+        f.dir.path(),
+        &[
+            "agent",
+            "--center",
+            &f.addr,
+            "--data-dir",
+            &data.display().to_string(),
+            "--name",
+            "host-1",
+            "--json",
+        ],
+        &[],
+    );
+    again.wait_event("ready", T);
+    let s = cp.wait_event("summary", Duration::from_secs(60));
+    assert_eq!(s["ok"], 1, "{s}");
+    assert!(cp.wait(T).success());
+    assert_eq!(crate::md5_hex(&dest), want);
+    // The rerun resumed: it received less than the whole file.
+    let stdout = s["task"]["hosts"][0]["stdout"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let received: u64 = stdout
+        .split("received ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in {stdout:?}"));
+    assert!(
+        received < 40 << 20,
+        "refetched everything: {received} bytes"
+    );
+}

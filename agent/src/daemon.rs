@@ -438,6 +438,21 @@ fn on_center_msg(state: &Arc<State>, tx: &mpsc::UnboundedSender<AgentMsg>, m: Ce
         CenterMsg::Welcome { .. } => {}
         CenterMsg::Task { task, body, .. } => {
             let mut j = state.journal.lock().unwrap();
+            let busy = state.running.lock().unwrap().contains_key(&task)
+                || state.queue.lock().unwrap().iter().any(|(t, _)| *t == task);
+            if j.started.contains(&task)
+                && j.result(task).is_none()
+                && !busy
+                && matches!(body, TaskBody::Fetch(_))
+            {
+                // A fetch cut short by a crash is safe to run again, and resumes from
+                // its verified pieces: only commands are held to at most once.
+                drop(j);
+                let _ = tx.send(AgentMsg::Ack { task });
+                state.queue.lock().unwrap().push_back((task, body));
+                state.queued.notify_one();
+                return;
+            }
             if j.started.contains(&task) {
                 // A redelivery: never run twice.
                 let _ = tx.send(AgentMsg::Ack { task });
