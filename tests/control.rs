@@ -985,3 +985,44 @@ fn cp_to_an_agent_killed_mid_transfer_completes_and_resumes() {
         "refetched everything: {received} bytes"
     );
 }
+
+#[test]
+fn the_cli_finds_the_center_through_its_config_file_and_flags_override_it() {
+    let f = Fleet::start(1);
+    let cfg = f.dir.path().join("xdg");
+    std::fs::create_dir_all(cfg.join("octo")).unwrap();
+    std::fs::write(
+        cfg.join("octo/config"),
+        format!(
+            "# written by the test\ncenter = {}\ntoken = {}\n",
+            f.api, f.admin
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(bin())
+            .args(args)
+            .env_remove("OCTO_CENTER")
+            .env_remove("OCTO_TOKEN")
+            .env("XDG_CONFIG_HOME", &cfg)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["agents", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("host-1"));
+    // A flag wins over the file: a bad token given on the command line is refused.
+    let out = run(&[
+        "agents",
+        "--json",
+        "--token",
+        "octo_aaaaaaaaaaaaa_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+    ]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("401"), "{text}");
+}
