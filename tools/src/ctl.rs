@@ -8,6 +8,7 @@
 //! `center = URL` and `token = TOKEN`).
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -355,6 +356,35 @@ pub fn exec(conn: &Conn, a: ExecArgs) -> Result<bool> {
 /// Prints a task's events until it is finished (or only offline hosts remain), then
 /// a summary. Returns true iff no host failed.
 pub fn follow(c: &Client, id: u64, json_out: bool) -> Result<bool> {
+    follow_with(c, id, json_out, None)
+}
+
+/// [`follow`], with a bar of hosts done out of `bar_hosts` (for `octo cp` on a
+/// terminal; command output would fight with it).
+pub fn follow_with(c: &Client, id: u64, json_out: bool, bar_hosts: Option<u64>) -> Result<bool> {
+    let bar = bar_hosts.map(|n| {
+        let b = indicatif::ProgressBar::new(n);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40.cyan/blue} {pos}/{len} hosts done  {elapsed} elapsed  ETA {eta}  {msg}",
+            )
+            .expect("valid template"),
+        );
+        b
+    });
+    let res = follow_inner(c, id, json_out, bar.as_ref());
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    res
+}
+
+fn follow_inner(
+    c: &Client,
+    id: u64,
+    json_out: bool,
+    bar: Option<&indicatif::ProgressBar>,
+) -> Result<bool> {
     let mut after = 0u64;
     let mut partial: BTreeMap<(String, String), String> = BTreeMap::new();
     let mut offline: BTreeMap<String, bool> = BTreeMap::new();
@@ -376,6 +406,17 @@ pub fn follow(c: &Client, id: u64, json_out: bool) -> Result<bool> {
             }
             if kind == "state" {
                 offline.insert(host.clone(), data == "queued-offline");
+                if let Some(b) = bar {
+                    if matches!(
+                        data,
+                        "ok" | "failed" | "timed-out" | "expired" | "cancelled" | "lost"
+                    ) {
+                        b.inc(1);
+                        if data != "ok" {
+                            b.set_message(format!("{host} {data}"));
+                        }
+                    }
+                }
                 continue;
             }
             // Print whole lines prefixed by the host, like `pssh -i`.
@@ -866,7 +907,8 @@ pub async fn cp(conn: Conn, a: CpArgs) -> Result<bool> {
         } else {
             eprintln!("task {id}: copying {total} bytes to {hosts} host(s)");
         }
-        follow(&c, id, json_out)
+        let bar = (!json_out && std::io::stderr().is_terminal()).then_some(hosts as u64);
+        follow_with(&c, id, json_out, bar)
     })
     .await
     .context("joining the API client")?;
