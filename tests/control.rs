@@ -879,6 +879,16 @@ fn cp_copies_a_file_and_a_tree_to_every_agent_peer_to_peer() {
         assert!(out.contains(&format!("node-{i}: 640")), "{out}");
     }
 
+    // The same copy again moves no content bytes: every host takes it from its disk.
+    let (code, out, err) = f.octo(&["cp", "--json", &src.display().to_string(), &dest]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for h in summary(&out)["task"]["hosts"].as_array().unwrap() {
+        assert!(
+            h["stdout"].as_str().unwrap().contains("received 0 bytes"),
+            "{h}"
+        );
+    }
+
     // A tree with -r; without -r it is refused.
     let tree = f.dir.path().join("site");
     std::fs::create_dir_all(tree.join("static")).unwrap();

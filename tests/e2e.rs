@@ -475,3 +475,35 @@ fn bad_connections_are_closed_and_the_node_keeps_serving() {
     assert!(g.wait(T).success());
     assert_eq!(md5_hex(&e.path("copy.bin")), md5_hex(&src));
 }
+
+#[test]
+fn a_repeated_get_moves_no_bytes_and_an_update_only_its_changed_pieces() {
+    let e = Env::new();
+    let src = e.path("app.bin");
+    write_random(&src, 8 << 20, 21);
+    let dest = e.path("copy.bin");
+    let (mut s, ticket) = e.share("share", &["--piece-size", "256KiB"], &[&src]);
+    let mut g = e.get("g1", &ticket, &dest, &["--linger", "0"]);
+    let d1 = g.wait_event("done", T);
+    assert_eq!(d1["bytes"], 8 << 20);
+    assert!(g.wait(T).success());
+    // The same content again: everything is taken from the destination.
+    let mut g = e.get("g2", &ticket, &dest, &["--linger", "0"]);
+    let d2 = g.wait_event("done", T);
+    assert!(g.wait(T).success());
+    assert_eq!(d2["bytes"], 0, "{d2}");
+    assert_eq!(d2["resumed_bytes"], 8 << 20, "{d2}");
+    s.kill9();
+    // A new version with one changed piece: only that piece travels.
+    let mut data = fs::read(&src).unwrap();
+    data[3 << 20] ^= 0xff;
+    fs::write(&src, &data).unwrap();
+    let want = md5_hex(&src);
+    let (mut s, ticket) = e.share("share2", &["--piece-size", "256KiB"], &[&src]);
+    let mut g = e.get("g3", &ticket, &dest, &["--linger", "0"]);
+    let d3 = g.wait_event("done", T);
+    assert!(g.wait(T).success());
+    assert_eq!(d3["bytes"], 256 << 10, "{d3}");
+    assert_eq!(md5_hex(&dest), want);
+    s.kill9();
+}

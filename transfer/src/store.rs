@@ -14,6 +14,9 @@
 //!   crash between a write and its record cannot smuggle in bad bytes.
 //! - Nothing is visible at the destination until every file passed its whole-file
 //!   MD5; then each file is renamed into place with its mode already applied.
+//! - Pieces already at the destination (an earlier copy, an older version) are
+//!   verified and copied into the staging area instead of fetched: a repeated copy
+//!   moves no bytes over the network, an updated file only its changed pieces.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -376,7 +379,75 @@ impl PartialStore {
                 let _ = store.record.write_at(&[0], *i as u64);
             }
         }
+        store.adopt_from_destination()?;
         Ok(store)
+    }
+
+    /// Pieces already at the destination (an earlier copy of the same content, or an
+    /// older version of the file) are copied into the staging area instead of fetched,
+    /// if their MD5 matches: a repeated copy moves no bytes over the network, and an
+    /// updated file only its changed pieces, like rsync's basis file. Verified like any
+    /// other piece, so a stale or foreign destination file can only be ignored.
+    fn adopt_from_destination(&self) -> Result<(), StoreError> {
+        let missing: Vec<u32> = {
+            let v = self.verified.lock().unwrap();
+            (0..self.pieces.len() as u32)
+                .filter(|&i| !v[i as usize])
+                .filter(|&i| {
+                    let e = self.pieces[i as usize].entry;
+                    fs::symlink_metadata(&self.dest.finals[e]).is_ok_and(|m| m.is_file())
+                })
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let chunk = missing.len().div_ceil(threads).max(1);
+        let results: Vec<Result<Vec<u32>, StoreError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = missing
+                .chunks(chunk)
+                .map(|ids| {
+                    s.spawn(move || {
+                        let mut adopted = Vec::new();
+                        let mut buf = Vec::new();
+                        let mut open: Option<(usize, File)> = None;
+                        for &id in ids {
+                            let p = self.pieces[id as usize];
+                            if open.as_ref().is_none_or(|(e, _)| *e != p.entry) {
+                                open = File::open(&self.dest.finals[p.entry])
+                                    .ok()
+                                    .map(|f| (p.entry, f));
+                            }
+                            let Some((_, f)) = &open else { continue };
+                            buf.resize(p.len as usize, 0);
+                            if f.read_exact_at(&mut buf, p.offset).is_err() {
+                                continue;
+                            }
+                            let h: Md5Sum = Md5::digest(&buf).into();
+                            if h != p.md5 {
+                                continue;
+                            }
+                            self.write(id, 0, &buf)?;
+                            adopted.push(id);
+                        }
+                        Ok(adopted)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("adopting thread panicked"))
+                .collect()
+        });
+        for r in results {
+            for id in r? {
+                self.mark_verified(id)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn manifest(&self) -> &Arc<Manifest> {
