@@ -1,6 +1,8 @@
 //! Octopus agent: the daemon on every host (see ARCHITECTURE.md).
+pub mod cache;
 pub mod daemon;
 pub mod exec;
 pub mod fetch;
 pub mod hostinfo;
 pub mod proto;
+pub mod urlsig;
