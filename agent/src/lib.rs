@@ -4,5 +4,6 @@ pub mod daemon;
 pub mod exec;
 pub mod fetch;
 pub mod hostinfo;
+pub mod pool;
 pub mod proto;
 pub mod urlsig;
