@@ -384,24 +384,7 @@ fn an_offline_agent_gets_its_task_when_it_returns_and_a_center_restart_loses_not
     );
 
     // host-2 comes back (already enrolled: no token needed) and runs the task once.
-    let data = f.dir.path().join("agent-host-2");
-    let mut a2 = Octo::spawn(
-        &bin(),
-        "host-2b",
-        f.dir.path(),
-        &[
-            "agent",
-            "--center",
-            &f.addr,
-            "--data-dir",
-            &data.display().to_string(),
-            "--name",
-            "host-2",
-            "--json",
-        ],
-        &[],
-    );
-    a2.wait_event("ready", T);
+    let mut a2 = f.restart_agent("host-2", "host-2b");
     let (code, out, err) = f.octo(&["task", "wait", &id.to_string(), "--json"]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(summary(&out)["ok"], 1);
@@ -409,23 +392,7 @@ fn an_offline_agent_gets_its_task_when_it_returns_and_a_center_restart_loses_not
 
     // An agent restart does not run it again.
     a2.kill9();
-    let mut a3 = Octo::spawn(
-        &bin(),
-        "host-2c",
-        f.dir.path(),
-        &[
-            "agent",
-            "--center",
-            &f.addr,
-            "--data-dir",
-            &data.display().to_string(),
-            "--name",
-            "host-2",
-            "--json",
-        ],
-        &[],
-    );
-    a3.wait_event("ready", T);
+    let _a3 = f.restart_agent("host-2", "host-2c");
     assert!(wait_until(T, || f.online("host-2")));
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
@@ -451,24 +418,7 @@ fn an_agent_killed_mid_task_never_runs_it_twice() {
     assert!(wait_until(T, || count.exists()));
     // SIGKILL: the agent has no chance to report; the center redelivers on reconnect.
     f.agent("host-1").kill9();
-    let data = f.dir.path().join("agent-host-1");
-    let mut again = Octo::spawn(
-        &bin(),
-        "host-1b",
-        f.dir.path(),
-        &[
-            "agent",
-            "--center",
-            &f.addr,
-            "--data-dir",
-            &data.display().to_string(),
-            "--name",
-            "host-1",
-            "--json",
-        ],
-        &[],
-    );
-    again.wait_event("ready", T);
+    let _again = f.restart_agent("host-1", "host-1b");
     let (code, out, _) = f.octo(&["task", "wait", &id.to_string(), "--json"]);
     assert_ne!(code, 0, "a lost result is not a success");
     let t = &summary(&out)["task"];
@@ -784,24 +734,7 @@ fn a_result_made_while_the_center_was_down_is_recorded_and_a_stale_task_expires(
     let (_, out, _) = f.octo(&["exec", "--json", "--ttl", "1s", "host-2", "--", &cmd]);
     let id = summary(&out)["id"].as_u64().unwrap();
     std::thread::sleep(Duration::from_secs(3));
-    let data = f.dir.path().join("agent-host-2");
-    let mut back = Octo::spawn(
-        &bin(),
-        "host-2b",
-        f.dir.path(),
-        &[
-            "agent",
-            "--center",
-            &f.addr,
-            "--data-dir",
-            &data.display().to_string(),
-            "--name",
-            "host-2",
-            "--json",
-        ],
-        &[],
-    );
-    back.wait_event("ready", T);
+    let _back = f.restart_agent("host-2", "host-2b");
     assert!(wait_until(T, || f.online("host-2")));
     let (_, out, _) = f.octo(&["task", "show", &id.to_string(), "--json"]);
     let t: Value = serde_json::from_str(&out).unwrap();
@@ -811,6 +744,26 @@ fn a_result_made_while_the_center_was_down_is_recorded_and_a_stale_task_expires(
 }
 
 impl Fleet {
+    /// Starts an already enrolled agent again (no token) from its data directory, as
+    /// process `label`, and waits until it runs.
+    fn restart_agent(&self, name: &str, label: &str) -> Octo {
+        let data = self.dir.path().join(format!("agent-{name}"));
+        let data = data.display().to_string();
+        let args = [
+            "agent",
+            "--center",
+            &self.addr,
+            "--data-dir",
+            &data,
+            "--name",
+            name,
+            "--json",
+        ];
+        let mut a = Octo::spawn(&bin(), label, self.dir.path(), &args, &[]);
+        a.wait_event("ready", T);
+        a
+    }
+
     /// An agent in its own mount namespace with a private tmpfs on `view`: several
     /// agents on one machine, each with its own file system there.
     fn add_isolated_agent(&mut self, name: &str, view: &Path) {
@@ -957,24 +910,7 @@ fn cp_to_an_agent_killed_mid_transfer_completes_and_resumes() {
     };
     assert!(wait_until(T, staging_pieces), "no progress before the kill");
     f.agent("host-1").kill9();
-    let data = f.dir.path().join("agent-host-1");
-    let mut again = Octo::spawn(
-        &bin(),
-        "host-1b",
-        f.dir.path(),
-        &[
-            "agent",
-            "--center",
-            &f.addr,
-            "--data-dir",
-            &data.display().to_string(),
-            "--name",
-            "host-1",
-            "--json",
-        ],
-        &[],
-    );
-    again.wait_event("ready", T);
+    let _again = f.restart_agent("host-1", "host-1b");
     let s = cp.wait_event("summary", Duration::from_secs(60));
     assert_eq!(s["ok"], 1, "{s}");
     assert!(cp.wait(T).success());

@@ -34,7 +34,7 @@ use serde_json::{json, Value};
 
 use crate::auth;
 use crate::center::{self, Batch, Inner};
-use crate::store::{HostState, Scope, TaskState};
+use crate::store::{Scope, TaskRecord, TaskState};
 
 /// An API failure: a status and a message. The one place statuses are chosen.
 #[derive(Debug)]
@@ -536,11 +536,8 @@ struct HostView {
     finished_at: Option<u64>,
 }
 
-fn task_json(inner: &Inner, id: u64, with_output: bool) -> Result<Value, ApiError> {
-    let rec = inner
-        .store
-        .get_task(id)?
-        .ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
+fn task_json(inner: &Inner, rec: TaskRecord, with_output: bool) -> Result<Value, ApiError> {
+    let id = rec.id;
     let results = inner.store.results(id)?;
     let running = inner.running.lock().unwrap().clone();
     let mut counts = std::collections::BTreeMap::<&str, u32>::new();
@@ -599,7 +596,11 @@ async fn show_task(
     Path(id): Path<u64>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Scope::Read)?;
-    Ok(Json(task_json(&inner, id, true)?))
+    let rec = inner
+        .store
+        .get_task(id)?
+        .ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
+    Ok(Json(task_json(&inner, rec, true)?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -616,7 +617,8 @@ async fn list_tasks(
     let tasks = inner.store.list_tasks(q.limit.unwrap_or(50).min(1000))?;
     let mut out = Vec::new();
     for t in tasks {
-        out.push(task_json(&inner, t.id, false)?);
+        // The records are in hand: only their results are read.
+        out.push(task_json(&inner, t, false)?);
     }
     Ok(Json(out))
 }
@@ -770,12 +772,4 @@ async fn list_audit(
     Ok(Json(
         serde_json::to_value(entries).map_err(ApiError::internal)?,
     ))
-}
-
-/// Whether a host state counts as a failure for the CLI's summary and exit code.
-pub fn is_failure(state: HostState) -> bool {
-    matches!(
-        state,
-        HostState::Failed | HostState::TimedOut | HostState::Lost | HostState::Expired
-    )
 }

@@ -757,18 +757,7 @@ fn handle_agent_msg(
             started_at,
             finished_at,
         } => {
-            let mut r = HostOutcome {
-                state: HostState::Ok,
-                exit_code: None,
-                signal: None,
-                stdout: Vec::new(),
-                stderr: Vec::new(),
-                stdout_truncated: false,
-                stderr_truncated: false,
-                error: None,
-                started_at: Some(started_at),
-                finished_at,
-            };
+            let mut r = HostOutcome::bare(HostState::Ok, Some(started_at), finished_at, None);
             match outcome {
                 Outcome::Ran(x) => {
                     r.state = if x.timed_out {
@@ -858,18 +847,8 @@ pub(crate) fn after_host_final(inner: &Inner, task: u64) {
             if !pending.is_empty() {
                 info!(task, failed, max, "too many failures: stopping the rollout");
                 for h in &pending {
-                    let o = HostOutcome {
-                        state: HostState::Cancelled,
-                        exit_code: None,
-                        signal: None,
-                        stdout: Vec::new(),
-                        stderr: Vec::new(),
-                        stdout_truncated: false,
-                        stderr_truncated: false,
-                        error: Some(format!("rollout stopped after {failed} failures")),
-                        started_at: None,
-                        finished_at: now,
-                    };
+                    let why = format!("rollout stopped after {failed} failures");
+                    let o = HostOutcome::bare(HostState::Cancelled, None, now, Some(why));
                     if inner.store.finish(h, task, o).unwrap_or(false) {
                         push_event(inner, task, h, "state", "cancelled");
                     }

@@ -270,6 +270,29 @@ pub struct HostOutcome {
     pub finished_at: u64,
 }
 
+impl HostOutcome {
+    /// An outcome with no output: a state, when it ended, and why (if not obvious).
+    pub fn bare(
+        state: HostState,
+        started_at: Option<u64>,
+        finished_at: u64,
+        error: Option<String>,
+    ) -> HostOutcome {
+        HostOutcome {
+            state,
+            exit_code: None,
+            signal: None,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            error,
+            started_at,
+            finished_at,
+        }
+    }
+}
+
 /// One audited API request.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct AuditEntry {

@@ -754,12 +754,24 @@ pub async fn center(
     Ok(())
 }
 
+#[derive(Args, Debug)]
 pub struct AgentOpts {
+    /// The center's address, e.g. 127.0.0.1:7070.
+    #[arg(long)]
     pub center: String,
+    /// Enrollment token (first start only), from `octo token create --scope enroll`.
+    #[arg(long)]
     pub token: Option<String>,
+    /// Where the key, certificate and task journal live (default ~/.local/share/octopus/agent).
+    #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Host name to enroll as (default: this host's name).
+    #[arg(long)]
     pub name: Option<String>,
+    /// KEY=VALUE, repeatable.
+    #[arg(long = "tag")]
     pub tags: Vec<String>,
+    #[arg(long)]
     pub json: bool,
 }
 

@@ -99,25 +99,7 @@ enum Cmd {
         json: bool,
     },
     /// Run the agent daemon on this host; enrolls on first start.
-    Agent {
-        /// The center's address, e.g. 127.0.0.1:7070.
-        #[arg(long)]
-        center: String,
-        /// Enrollment token (first start only), from `octo token create --scope enroll`.
-        #[arg(long)]
-        token: Option<String>,
-        /// Where the key, certificate and task journal live (default ~/.local/share/octopus/agent).
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// Host name to enroll as (default: this host's name).
-        #[arg(long)]
-        name: Option<String>,
-        /// KEY=VALUE, repeatable.
-        #[arg(long = "tag")]
-        tags: Vec<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    Agent(ctl::AgentOpts),
     /// List agents, optionally only those a target selects.
     Agents {
         #[command(flatten)]
@@ -214,11 +196,11 @@ fn main() -> ExitCode {
         | Cmd::Get { json, .. }
         | Cmd::Demo { json, .. }
         | Cmd::Center { json, .. }
-        | Cmd::Agent { json, .. }
         | Cmd::Agents { json, .. }
         | Cmd::Audit { json, .. } => *json,
         Cmd::SwarmBench(a) => a.json,
         Cmd::Load(a) => a.json,
+        Cmd::Agent(a) => a.json,
         Cmd::Exec { args, .. } => args.json,
         Cmd::Cp { args, .. } => args.json,
         Cmd::Task { cmd, .. } => match cmd {
@@ -267,24 +249,7 @@ fn main() -> ExitCode {
                 heartbeat,
                 json,
             } => ctl::center(listen, data_dir, heartbeat, json).await,
-            Cmd::Agent {
-                center,
-                token,
-                data_dir,
-                name,
-                tags,
-                json,
-            } => {
-                ctl::agent(ctl::AgentOpts {
-                    center,
-                    token,
-                    data_dir,
-                    name,
-                    tags,
-                    json,
-                })
-                .await
-            }
+            Cmd::Agent(opts) => ctl::agent(opts).await,
             // The API clients block on HTTP; nothing else runs on this runtime then.
             Cmd::Agents { conn, target, json } => ctl::agents(&conn, target, json),
             Cmd::Exec { conn, args } => return ctl::exec(&conn, args),
