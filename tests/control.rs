@@ -235,6 +235,20 @@ fn a_center_with_three_agents_runs_commands_everywhere_and_by_target() {
     assert_ne!(code, 0);
     assert!(err.contains("exit code 3"), "{err}");
 
+    // --cwd and --env reach the command through the API and the agent.
+    let (code, out, err) = f.octo(&[
+        "exec",
+        "host-3",
+        "--cwd",
+        "/usr",
+        "--env",
+        "OCTO_E2E=on",
+        "--",
+        "echo $(pwd) $OCTO_E2E",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("host-3: /usr on"), "{out}");
+
     // Scripts and python.
     let script = f.dir.path().join("s.py");
     std::fs::write(
