@@ -778,16 +778,39 @@ impl Fleet {
         a
     }
 
+    /// A center and `n` agents `node-1`... each with its own file system at the
+    /// returned path.
+    fn isolated(n: usize) -> (Fleet, PathBuf) {
+        let mut f = Fleet::start(0);
+        let view = f.dir.path().join("view");
+        std::fs::create_dir_all(&view).unwrap();
+        for i in 1..=n {
+            f.add_isolated_agent(&format!("node-{i}"), &view);
+        }
+        f.wait_online(n);
+        (f, view)
+    }
+
     /// An agent in its own mount namespace with a private tmpfs on `view`: several
     /// agents on one machine, each with its own file system there.
     fn add_isolated_agent(&mut self, name: &str, view: &Path) {
+        self.add_isolated_agent_with(name, view, "");
+    }
+
+    /// [`Fleet::add_isolated_agent`] with more `octo agent` arguments. Without the
+    /// enroll token when the agent is already enrolled (a restart).
+    fn add_isolated_agent_with(&mut self, name: &str, view: &Path, extra: &str) {
         let data = self.dir.path().join(format!("agent-{name}"));
+        let token = if data.join("agent.cert").exists() {
+            String::new()
+        } else {
+            format!("--token {}", self.enroll)
+        };
         let script = format!(
-            "mount -t tmpfs -o size=64m tmpfs {} && exec {} agent --center {} --token {} --data-dir {} --name {} --json",
+            "mount -t tmpfs -o size=64m tmpfs {} && exec {} agent --center {} {token} --data-dir {} --name {} --json {extra}",
             view.display(),
             bin().display(),
             self.addr,
-            self.enroll,
             data.display(),
             name
         );
@@ -805,13 +828,7 @@ impl Fleet {
 
 #[test]
 fn cp_copies_a_file_and_a_tree_to_every_agent_peer_to_peer() {
-    let mut f = Fleet::start(0);
-    let view = f.dir.path().join("view");
-    std::fs::create_dir_all(&view).unwrap();
-    for i in 1..=3 {
-        f.add_isolated_agent(&format!("node-{i}"), &view);
-    }
-    f.wait_online(3);
+    let (f, view) = Fleet::isolated(3);
     let src = f.dir.path().join("release.tar");
     octopus_tests::write_random(&src, 6 << 20, 11);
     let want = crate::md5_hex(&src);
@@ -882,6 +899,254 @@ fn cp_copies_a_file_and_a_tree_to_every_agent_peer_to_peer() {
     let (code, _, err) = f.octo(&["cp", &src.display().to_string(), "all:relative/x"]);
     assert_ne!(code, 0);
     assert!(err.contains("absolute"), "{err}");
+}
+
+/// The `octo cp` pieces beyond the swarm: small files through the HTTP pool (with the
+/// center's redirect, Range and signature checks seen from outside), `--async` with
+/// `octo task wait`, per-host progress in `task show --json`, `--owner`, and an
+/// offline host that gets an async copy after a center restart.
+#[test]
+fn cp_small_files_go_through_the_pool_and_async_copies_outlive_the_cli_and_the_center() {
+    let (mut f, view) = Fleet::isolated(3);
+
+    // A small file goes through the pool, owned as asked.
+    let small = f.dir.path().join("app.conf");
+    octopus_tests::write_random(&small, 200 << 10, 3);
+    let want = crate::md5_hex(&small);
+    let dest = format!("all:{}/etc/app.conf", view.display());
+    let (code, out, err) = f.octo(&[
+        "cp",
+        "--json",
+        "--mkdir",
+        "--owner",
+        "nobody",
+        &small.display().to_string(),
+        &dest,
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let created = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["event"] == "created")
+        .unwrap();
+    assert_eq!(created["via"], "pool", "{created}");
+    let t = &summary(&out)["task"];
+    assert_eq!(summary(&out)["ok"], 3, "{t}");
+    for h in t["hosts"].as_array().unwrap() {
+        assert_eq!(h["md5"][0], want.as_str(), "{h}");
+        assert_eq!(h["bytes"], 200 << 10, "{h}");
+        assert_eq!(h["total"], 200 << 10, "{h}");
+        assert!(h["started_at"].as_u64().unwrap() <= h["finished_at"].as_u64().unwrap());
+    }
+    let check = format!(
+        "md5sum {0}/etc/app.conf; stat -c %U {0}/etc/app.conf",
+        view.display()
+    );
+    let (code, out, err) = f.octo(&["exec", "all", "--", &check]);
+    assert_eq!(code, 0, "{err}");
+    for i in 1..=3 {
+        assert!(out.contains(&format!("node-{i}: {want}")), "{out}");
+        assert!(out.contains(&format!("node-{i}: nobody")), "{out}");
+    }
+
+    // Every agent now holds it in its pool; the center redirects to one of them (the
+    // center served the first wave, so it is the most loaded member).
+    assert!(wait_until(T, || {
+        let (_, v) = http(&f.api, "GET", "/api/v1/files", Some(&f.admin), "");
+        v["members"]
+            .as_array()
+            .is_some_and(|m| m.len() == 3 && m.iter().all(|m| m["holds"] == 1))
+    }));
+    let path = format!("/api/v1/files/{want}");
+    let (status, head) = http_head(&f.api, &path, Some(&f.admin), None);
+    assert_eq!(status, 302, "{head}");
+    let location = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("location: ")
+                .or_else(|| l.strip_prefix("Location: "))
+        })
+        .unwrap_or_else(|| panic!("no Location in {head}"))
+        .trim()
+        .to_string();
+    let (pool, pool_path) = location
+        .trim_start_matches("http://")
+        .split_once('/')
+        .unwrap();
+    let pool_path = format!("/{pool_path}");
+    // A plain client follows it, with a Range.
+    let (status, head) = http_head(
+        &format!("http://{pool}"),
+        &pool_path,
+        None,
+        Some("bytes=100-109"),
+    );
+    assert_eq!(status, 206, "{head}");
+    assert!(
+        head.to_lowercase()
+            .contains(&format!("content-range: bytes 100-109/{}", 200 << 10)),
+        "{head}"
+    );
+    let body = http_body(&format!("http://{pool}"), &pool_path, Some("bytes=100-109"));
+    assert_eq!(body, std::fs::read(&small).unwrap()[100..110]);
+    // A forged or expired signature gets 403, at the pool and at the center; no
+    // signature and no token gets 401 at the center.
+    let forged = pool_path.replace("sig=", "sig=AAAA");
+    let (status, _) = http_head(&format!("http://{pool}"), &forged, None, None);
+    assert_eq!(status, 403);
+    let (status, body) = http_raw(&f.api, "GET", &format!("{path}?exp=1&sig=AAAA"), None, "");
+    assert_eq!(status, 403);
+    assert!(body.contains("expired"), "{body}");
+    let (status, _) = http_raw(&f.api, "GET", &path, None, "");
+    assert_eq!(status, 401);
+
+    // Copying it again elsewhere moves no bytes: the agents take it from their cache.
+    let dest2 = format!("all:{}/etc/app.conf.bak", view.display());
+    let (code, out, err) = f.octo(&["cp", "--json", &small.display().to_string(), &dest2]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for h in summary(&out)["task"]["hosts"].as_array().unwrap() {
+        assert_eq!(h["received"], 0, "{h}");
+    }
+
+    // --async: node-3 is offline; the command returns at once with the task id.
+    f.agent("node-3").signal(libc::SIGTERM);
+    f.agent("node-3").wait(T);
+    f.agents.retain(|(n, _)| n != "node-3");
+    assert!(wait_until(T, || !f.online("node-3")));
+    let big = f.dir.path().join("release.bin");
+    octopus_tests::write_random(&big, 6 << 20, 8);
+    let big_md5 = crate::md5_hex(&big);
+    let dest = format!("all:{}/rel/", view.display());
+    let (code, out, err) = f.octo(&[
+        "cp",
+        "--async",
+        "--mkdir",
+        &big.display().to_string(),
+        &dest,
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let id: u64 = out
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no task id in {out:?}"));
+    let (code, out, err) = f.octo(&["task", "wait", &id.to_string(), "--json"]);
+    assert_ne!(code, 0, "an offline host is not done: {out}\n{err}");
+    let s = summary(&out);
+    assert_eq!(s["ok"], 2, "{s}");
+    assert_eq!(s["offline"], 1, "{s}");
+
+    // The center is killed and restarted; node-3 returns and still gets the copy from
+    // the center's restored seed.
+    f.center.kill9();
+    let (c2, _, _, _) = start_center(f.dir.path(), &f.addr, "center-2");
+    f.center = c2;
+    f.add_isolated_agent_with("node-3", &view, "");
+    let (code, out, err) = f.octo(&["task", "wait", &id.to_string(), "--json"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(summary(&out)["ok"], 3);
+    let (code, out, _) = f.octo(&["task", "show", &id.to_string(), "--json"]);
+    assert_eq!(code, 0);
+    let t: Value = serde_json::from_str(&out).unwrap();
+    for h in t["hosts"].as_array().unwrap() {
+        assert_eq!(h["md5"][0], big_md5.as_str(), "{h}");
+        assert_eq!(h["bytes"], 6 << 20, "{h}");
+    }
+    f.wait_online(3);
+    let (_, out, _) = f.octo(&[
+        "exec",
+        "all",
+        "--",
+        &format!("md5sum {}/rel/release.bin", view.display()),
+    ]);
+    assert_eq!(out.matches(&big_md5).count(), 3, "{out}");
+}
+
+/// An agent's cache stays within its quota, least recently used content going first.
+#[test]
+fn the_agent_cache_respects_its_quota() {
+    let mut f = Fleet::start(0);
+    let view = f.dir.path().join("view");
+    std::fs::create_dir_all(&view).unwrap();
+    f.add_isolated_agent_with("node-1", &view, "--cache-quota 3MiB");
+    f.wait_online(1);
+    let objects = f.dir.path().join("agent-node-1/cache/objects");
+    let cached = || -> u64 { walkdir_size(&objects) };
+    for i in 0..4u64 {
+        let src = f.dir.path().join(format!("pkg-{i}.bin"));
+        octopus_tests::write_random(&src, 1200 << 10, 20 + i);
+        let (code, out, err) = f.octo(&[
+            "cp",
+            "--mkdir",
+            &src.display().to_string(),
+            &format!("node-1:{}/pkgs/", view.display()),
+        ]);
+        assert_eq!(code, 0, "{out}\n{err}");
+        assert!(
+            cached() <= 3 << 20,
+            "cache holds {} bytes over its 3 MiB quota",
+            cached()
+        );
+    }
+    // Two of the four fit; the newest two are the ones kept.
+    assert_eq!(cached(), 2 * (1200 << 10));
+    let (_, out, _) = f.octo(&["exec", "all", "--", &format!("ls {}/pkgs", view.display())]);
+    for i in 0..4 {
+        assert!(out.contains(&format!("pkg-{i}.bin")), "{out}");
+    }
+}
+
+fn walkdir_size(p: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                walkdir_size(&e.path())
+            } else {
+                m.len()
+            }
+        })
+        .sum()
+}
+
+/// A GET answered with only its status line and headers (`range` optional).
+fn http_head(base: &str, path: &str, token: Option<&str>, range: Option<&str>) -> (u16, String) {
+    let (status, head, _) = http_get(base, path, token, range);
+    (status, head)
+}
+
+fn http_body(base: &str, path: &str, range: Option<&str>) -> Vec<u8> {
+    http_get(base, path, None, range).2
+}
+
+fn http_get(
+    base: &str,
+    path: &str,
+    token: Option<&str>,
+    range: Option<&str>,
+) -> (u16, String, Vec<u8>) {
+    let addr = base.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let range = range.map(|r| format!("Range: {r}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}{range}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    (
+        head[9..12].parse().unwrap(),
+        head,
+        buf[split + 4..].to_vec(),
+    )
 }
 
 #[test]

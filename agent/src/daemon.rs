@@ -52,7 +52,20 @@ pub struct AgentConfig {
     /// instead of running, and the journal is not synced. The protocol, enrollment,
     /// heartbeats and deduplication are the real ones.
     pub simulate: bool,
+    /// Disk quota of the content cache (`data_dir/cache`); 0 disables the cache and
+    /// with it the HTTP pool.
+    pub cache_quota: u64,
+    /// Where the HTTP pool listens (`None`: no pool). Other agents reach it at this
+    /// host's address as the center sees it, on the bound port.
+    pub pool_listen: Option<SocketAddr>,
+    /// This agent's upload and download limits, shared by all its transfers (bytes
+    /// per second; `None` is unlimited).
+    pub limit_up: Option<u64>,
+    pub limit_down: Option<u64>,
 }
+
+/// Default cache quota: 10 GiB.
+pub const DEFAULT_CACHE_QUOTA: u64 = 10 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -71,6 +84,10 @@ pub enum AgentError {
     Tls(#[from] tls::TlsError),
     #[error("binding the QUIC endpoint: {0}")]
     Endpoint(String),
+    #[error("opening the content cache: {0}")]
+    Cache(String),
+    #[error("starting the HTTP pool: {0}")]
+    Pool(String),
 }
 
 /// Splits `octo_<id>_<secret>.<ca sha256 hex>` into the API token part and the CA
@@ -264,6 +281,29 @@ struct State {
     /// Cancellation of the running task, by id.
     running: Mutex<BTreeMap<u64, CancellationToken>>,
     cancelled: Mutex<HashSet<u64>>,
+    fetch: crate::fetch::FetchCtx,
+    /// The center's URL-signing key, from its welcome; the pool checks URLs with it.
+    url_key: crate::pool::CenterKey,
+    pool_port: u16,
+}
+
+impl State {
+    /// What the pool serves, for the center's redirects.
+    fn holdings(&self) -> AgentMsg {
+        let md5s = match &self.fetch.cache {
+            Some(c) if self.pool_port != 0 => c
+                .entries()
+                .into_iter()
+                .take(proto::MAX_HOLDINGS)
+                .map(|(m, _, _)| m)
+                .collect(),
+            _ => Vec::new(),
+        };
+        AgentMsg::Holdings {
+            pool_port: self.pool_port,
+            md5s,
+        }
+    }
 }
 
 impl State {
@@ -315,7 +355,33 @@ pub async fn spawn(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     })?;
     journal.durable = !cfg.simulate;
     let simulate = cfg.simulate;
+    let cache = if cfg.cache_quota > 0 && !simulate {
+        let dir = cfg.data_dir.join("cache");
+        Some(Arc::new(
+            crate::cache::ContentCache::open(&dir, cfg.cache_quota)
+                .map_err(|e| AgentError::Cache(e.to_string()))?,
+        ))
+    } else {
+        None
+    };
+    let url_key: crate::pool::CenterKey = Arc::default();
+    let pool = match (&cache, cfg.pool_listen) {
+        (Some(c), Some(listen)) => Some(
+            crate::pool::spawn(listen, c.clone(), url_key.clone())
+                .await
+                .map_err(|e| AgentError::Pool(format!("binding {listen}: {e}")))?,
+        ),
+        _ => None,
+    };
     let state = Arc::new(State {
+        fetch: crate::fetch::FetchCtx {
+            cache,
+            center: cfg.center,
+            node_up: octopus_transfer::limit::Limiter::new(cfg.limit_up),
+            node_down: octopus_transfer::limit::Limiter::new(cfg.limit_down),
+        },
+        url_key,
+        pool_port: pool.as_ref().map_or(0, |p| p.local_addr().port()),
         journal: Mutex::new(journal),
         session: Mutex::new(None),
         queue: Mutex::new(VecDeque::new()),
@@ -353,6 +419,9 @@ pub async fn spawn(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
         runner.abort();
+        if let Some(p) = pool {
+            p.shutdown().await;
+        }
         ep.close(VarInt::from_u32(code::SHUTDOWN), b"agent shutting down");
     });
     Ok(AgentHandle { cancel, task })
@@ -390,7 +459,12 @@ async fn session(
         .await
         .map_err(|e| e.to_string())?;
     let heartbeat = match proto::read_msg::<CenterMsg>(&mut recv).await {
-        Ok(Some(CenterMsg::Welcome { heartbeat_ms, .. })) => {
+        Ok(Some(CenterMsg::Welcome {
+            heartbeat_ms,
+            url_key,
+            ..
+        })) => {
+            *state.url_key.write().unwrap() = url_key;
             Duration::from_millis(heartbeat_ms.clamp(100, 600_000))
         }
         Ok(_) => return Err("the center did not welcome us".into()),
@@ -398,6 +472,7 @@ async fn session(
     };
     info!(center = %cfg.center, "connected to the center");
     let (tx, mut rx) = mpsc::unbounded_channel::<AgentMsg>();
+    let _ = tx.send(state.holdings());
     // Results the center has not acknowledged yet go first.
     let pending = state.journal.lock().unwrap().pending_results();
     for m in pending {
@@ -536,10 +611,20 @@ async fn runner(state: Arc<State>, cancel: CancellationToken, simulate: bool) {
                         Ok(x) => Outcome::Ran(x),
                         Err(e) => Outcome::Error(e.to_string()),
                     },
-                    TaskBody::Fetch(spec) => match crate::fetch::run(spec).await {
-                        Ok(x) => Outcome::Ran(x),
-                        Err(e) => Outcome::Error(e),
-                    },
+                    TaskBody::Fetch(spec) => {
+                        let st = state.clone();
+                        let progress: crate::fetch::OnProgress = Arc::new(move |bytes, total| {
+                            st.send(AgentMsg::Progress { task, bytes, total })
+                        });
+                        let r = crate::fetch::run(spec, &state.fetch, progress).await;
+                        if r.is_ok() {
+                            state.send(state.holdings());
+                        }
+                        match r {
+                            Ok(x) => Outcome::Ran(x),
+                            Err(e) => Outcome::Error(e),
+                        }
+                    }
                 }
             };
             let out = tokio::select! {

@@ -425,10 +425,10 @@ fn resolve_cwd(spec: &ExecSpec, account: Option<&Account>) -> Result<Option<CStr
 
 /// A passwd entry plus the supplementary groups `initgroups` would set.
 #[derive(Debug)]
-struct Account {
+pub(crate) struct Account {
     name: OsString,
-    uid: libc::uid_t,
-    gid: libc::gid_t,
+    pub(crate) uid: libc::uid_t,
+    pub(crate) gid: libc::gid_t,
     home: OsString,
     shell: OsString,
     groups: Vec<libc::gid_t>,
@@ -459,7 +459,7 @@ struct Creds {
 }
 
 /// Looks `name` up in the passwd database. `Ok(None)`: no such user.
-fn lookup_user(name: &str) -> io::Result<Option<Account>> {
+pub(crate) fn lookup_user(name: &str) -> io::Result<Option<Account>> {
     let cname = CString::new(name)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "contains a NUL byte"))?;
     let mut buf = vec![0u8; 4096];
@@ -508,6 +508,41 @@ fn lookup_user(name: &str) -> io::Result<Option<Account>> {
             shell: field(pwd.pw_shell),
             groups,
         }));
+    }
+}
+
+/// Looks a group name up in the group database. `Ok(None)`: no such group.
+pub(crate) fn lookup_group(name: &str) -> io::Result<Option<libc::gid_t>> {
+    let cname = CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "contains a NUL byte"))?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: an all-zero group (null pointers) is a valid value; it is only read
+        // after getgrnam_r filled it in.
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call, and `buf.len()` is the size of
+        // the buffer the strings are stored in.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                cname.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < (1 << 20) {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if result.is_null() {
+            return match rc {
+                0 | libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => Ok(None),
+                rc => Err(io::Error::from_raw_os_error(rc)),
+            };
+        }
+        return Ok(Some(grp.gr_gid));
     }
 }
 

@@ -1,21 +1,50 @@
-//! The fetch service: `octo cp` asks an agent to fetch content over the transfer
-//! engine into a destination path.
+//! The fetch service: `octo cp` asks an agent to fetch content into a destination path,
+//! over the transfer engine (large content, peer to peer) or whole over HTTP from the
+//! pool (small or hot files).
 //!
-//! Why it is shaped like this: the content moves peer to peer (every agent fetching
-//! the same ticket also serves it to the others while it fetches and for `linger_ms`
-//! after), it is verified piece by piece and by whole-file MD5 before it appears at
-//! the destination, and the destination is checked here, on the host, where the file
-//! system is: absolute, no `..`, no parent that is a symlink.
+//! Why it is shaped like this:
+//! - **Swarm for big content**: every agent fetching the same ticket also serves it to
+//!   the others while it fetches and for `linger_ms` after; it is verified piece by
+//!   piece and by whole-file MD5 before it appears at the destination.
+//! - **Pool for small content**: a swarm costs a manifest round trip and a tracker
+//!   exchange, more than a 100 KiB file takes to send. The agent asks the center,
+//!   which redirects to a pool member that holds the file (or serves it itself), and
+//!   the download is checked against the MD5 before it is renamed into place.
+//! - **The cache**: every verified file goes into the content cache (quota-bounded),
+//!   so this agent serves it to the pool and a later copy of the same content to
+//!   another path moves no bytes.
+//! - **The destination is checked here, on the host**, where the file system is:
+//!   absolute, no `..`, no parent that is a symlink.
 
+use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use md5::{Digest, Md5};
+use octopus_transfer::limit::{LimitSet, Limiter};
 use octopus_transfer::manifest::hex;
 use octopus_transfer::node::{self, NodeConfig};
 use octopus_transfer::ticket::Ticket;
 
+use crate::cache::ContentCache;
 use crate::exec::ExecResult;
-use crate::proto::FetchSpec;
+use crate::proto::{FetchSpec, PoolFile};
+
+/// What a fetch needs from the agent around it.
+#[derive(Debug, Clone)]
+pub struct FetchCtx {
+    pub cache: Option<Arc<ContentCache>>,
+    /// The center's API address, where pool URLs start.
+    pub center: SocketAddr,
+    /// This agent's limits, shared by all its transfers (agent config).
+    pub node_up: Limiter,
+    pub node_down: Limiter,
+}
+
+/// Called with (bytes in place, total bytes) about once a second.
+pub type OnProgress = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
 /// Checks `dest` before anything is written: absolute, normal components only, and
 /// no existing parent of it is a symlink (which could lead outside where it says).
@@ -44,11 +73,19 @@ pub fn check_dest(dest: &str) -> Result<PathBuf, String> {
     Ok(p.to_path_buf())
 }
 
-/// Fetches per `spec`. The result's stdout lists `md5  path` per file, like md5sum.
-pub async fn run(spec: &FetchSpec) -> Result<ExecResult, String> {
-    let started = std::time::Instant::now();
+/// Fetches per `spec`. The result's stdout lists `md5  path` per file, like md5sum,
+/// then one line `received N bytes in M ms`.
+pub async fn run(
+    spec: &FetchSpec,
+    ctx: &FetchCtx,
+    progress: OnProgress,
+) -> Result<ExecResult, String> {
+    let started = Instant::now();
     let dest = check_dest(&spec.dest)?;
-    let ticket = Ticket::decode(&spec.ticket).map_err(|e| format!("reading the ticket: {e}"))?;
+    let owner = match &spec.owner {
+        Some(o) => Some(resolve_owner(o)?),
+        None => None,
+    };
     if spec.mkdir {
         let parent = if spec.dest.ends_with('/') {
             dest.clone()
@@ -58,42 +95,35 @@ pub async fn run(spec: &FetchSpec) -> Result<ExecResult, String> {
         std::fs::create_dir_all(&parent)
             .map_err(|e| format!("creating {}: {e}", parent.display()))?;
     }
-    let cfg = NodeConfig {
-        listen: "0.0.0.0:0".parse().expect("valid"),
-        limit_up: spec.limit_up,
-        limit_down: spec.limit_down,
-        ..Default::default()
-    };
-    let h = node::get(cfg, ticket, dest)
-        .await
-        .map_err(|e| format!("starting the transfer: {e}"))?;
-    let out = match h.completed().await {
-        Ok(o) => o,
-        Err(e) => {
-            h.shutdown().await;
-            return Err(format!("fetching the content: {e}"));
+    let (files, received) = match &spec.pool {
+        Some(pf) => {
+            let (pf, spec2, ctx2) = (pf.clone(), spec.clone(), ctx.clone());
+            tokio::task::spawn_blocking(move || {
+                let rt = tokio::runtime::Handle::current();
+                pool_fetch(&rt, &pf, &spec2, &dest, &ctx2, &*progress)
+            })
+            .await
+            .map_err(|e| format!("the download thread failed: {e}"))??
         }
+        None => swarm_fetch(spec, ctx, dest, progress).await?,
     };
     let mut stdout = String::new();
-    for (path, md5) in &out.files {
+    for (path, md5) in &files {
         if let Some(mode) = spec.mode {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777))
                 .map_err(|e| format!("setting the mode of {}: {e}", path.display()))?;
         }
-        stdout.push_str(&format!("{}  {}\n", hex(md5), path.display()));
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                .map_err(|e| format!("setting the owner of {}: {e}", path.display()))?;
+        }
+        stdout.push_str(&format!("{md5}  {}\n", path.display()));
     }
     stdout.push_str(&format!(
-        "received {} bytes in {} ms\n",
-        out.received_bytes,
-        out.elapsed.as_millis()
+        "received {received} bytes in {} ms\n",
+        started.elapsed().as_millis()
     ));
-    // Keep serving the other agents of this copy for a while, in the background.
-    let linger = Duration::from_millis(spec.linger_ms);
-    tokio::spawn(async move {
-        tokio::time::sleep(linger).await;
-        h.shutdown().await;
-    });
     Ok(ExecResult {
         exit_code: Some(0),
         signal: None,
@@ -104,6 +134,309 @@ pub async fn run(spec: &FetchSpec) -> Result<ExecResult, String> {
         stderr_truncated: false,
         duration_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// The swarm path: the transfer engine writes into `dest`, then every file is copied
+/// into the cache.
+async fn swarm_fetch(
+    spec: &FetchSpec,
+    ctx: &FetchCtx,
+    dest: PathBuf,
+    progress: OnProgress,
+) -> Result<(Vec<(PathBuf, String)>, u64), String> {
+    let ticket = Ticket::decode(&spec.ticket).map_err(|e| format!("reading the ticket: {e}"))?;
+    let cfg = NodeConfig {
+        listen: "0.0.0.0:0".parse().expect("valid"),
+        limit_up: spec.limit_up,
+        limit_down: spec.limit_down,
+        node_up: ctx.node_up.clone(),
+        node_down: ctx.node_down.clone(),
+        ..Default::default()
+    };
+    let h = node::get(cfg, ticket, dest)
+        .await
+        .map_err(|e| format!("starting the transfer: {e}"))?;
+    let mut watch = h.progress();
+    let reporter = tokio::spawn(async move {
+        loop {
+            let p = watch.borrow_and_update().clone();
+            progress(p.have_bytes, p.total_bytes);
+            if p.complete {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if watch.has_changed().is_err() {
+                return;
+            }
+        }
+    });
+    let out = h.completed().await;
+    reporter.abort();
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            h.shutdown().await;
+            return Err(format!("fetching the content: {e}"));
+        }
+    };
+    let files: Vec<(PathBuf, String)> =
+        out.files.iter().map(|(p, m)| (p.clone(), hex(m))).collect();
+    if let Some(cache) = &ctx.cache {
+        let (cache, f2) = (cache.clone(), files.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            for (path, md5) in f2 {
+                keep_in_cache(&cache, &path, &md5);
+            }
+        })
+        .await;
+    }
+    // Keep serving the other agents of this copy for a while, in the background.
+    let linger = Duration::from_millis(spec.linger_ms);
+    tokio::spawn(async move {
+        tokio::time::sleep(linger).await;
+        h.shutdown().await;
+    });
+    Ok((files, out.received_bytes))
+}
+
+/// Copies a verified file into the cache (a copy, not a link: the destination is the
+/// user's to change, the cache's copy must keep matching its MD5). A full cache is not
+/// an error for the copy that was asked for.
+fn keep_in_cache(cache: &ContentCache, path: &Path, md5: &str) {
+    if cache.get(md5).is_some() {
+        return;
+    }
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(u64::MAX);
+    if size > cache.quota() {
+        return;
+    }
+    let staged = cache
+        .staging_dir()
+        .join(format!("{md5}.{}", std::process::id()));
+    let res = std::fs::copy(path, &staged)
+        .map_err(|e| e.to_string())
+        .and_then(|_| cache.insert(md5, &staged).map_err(|e| e.to_string()));
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&staged);
+        tracing::info!(md5, "not cached: {e}");
+    }
+}
+
+/// Where a single file named `name` lands for `dest` (cp semantics).
+fn single_target(dest: &Path, dest_text: &str, name: &str) -> Result<PathBuf, String> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        return Err(format!("bad file name {name:?}"));
+    }
+    if dest_text.ends_with('/') || dest.is_dir() {
+        Ok(dest.join(name))
+    } else {
+        Ok(dest.to_path_buf())
+    }
+}
+
+/// MD5 of a file as lowercase hex.
+fn file_md5(path: &Path) -> std::io::Result<String> {
+    octopus_transfer::manifest::md5_file(path).map(|m| hex(&m))
+}
+
+/// A temporary sibling of `target`, for write-then-rename.
+fn temp_beside(target: &Path) -> PathBuf {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    target.with_file_name(format!(".{name}.octo-{}.tmp", std::process::id()))
+}
+
+/// Copies `from` to `target` atomically (temporary file, then rename).
+fn place(from: &Path, target: &Path, mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = temp_beside(target);
+    let res = std::fs::copy(from, &tmp)
+        .and_then(|_| {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode & 0o7777))
+        })
+        .and_then(|_| std::fs::rename(&tmp, target));
+    res.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("writing {}: {e}", target.display())
+    })
+}
+
+/// The pool path (blocking): an identical destination moves nothing, a cached copy
+/// moves nothing over the network, else the file is downloaded through the center's
+/// redirect, checked against size and MD5, cached, and renamed into place.
+fn pool_fetch(
+    rt: &tokio::runtime::Handle,
+    pf: &PoolFile,
+    spec: &FetchSpec,
+    dest: &Path,
+    ctx: &FetchCtx,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<(Vec<(PathBuf, String)>, u64), String> {
+    let target = single_target(dest, &spec.dest, &pf.name)?;
+    let done = |received| Ok((vec![(target.clone(), pf.md5.clone())], received));
+    if std::fs::metadata(&target).is_ok_and(|m| m.is_file() && m.len() == pf.size)
+        && file_md5(&target).is_ok_and(|m| m == pf.md5)
+    {
+        progress(pf.size, pf.size);
+        return done(0);
+    }
+    if let Some(cached) = ctx.cache.as_ref().and_then(|c| c.get(&pf.md5)) {
+        place(&cached, &target, pf.mode)?;
+        progress(pf.size, pf.size);
+        return done(0);
+    }
+    // Download into the cache's staging area when the file may be cached, else next
+    // to the target.
+    let cache = ctx.cache.as_ref().filter(|c| pf.size <= c.quota());
+    let staged = match cache {
+        Some(c) => {
+            std::fs::create_dir_all(c.staging_dir())
+                .map_err(|e| format!("creating the staging area: {e}"))?;
+            c.staging_dir()
+                .join(format!("{}.{}", pf.md5, std::process::id()))
+        }
+        None => temp_beside(&target),
+    };
+    let res = download(rt, pf, spec, ctx, &staged, progress);
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e);
+    }
+    match cache {
+        Some(c) => {
+            let obj = c
+                .insert(&pf.md5, &staged)
+                .map_err(|e| format!("caching the download: {e}"));
+            match obj {
+                Ok(obj) => place(&obj, &target, pf.mode)?,
+                Err(e) => {
+                    tracing::info!("{e}; writing the download straight to its destination");
+                    place(&staged, &target, pf.mode)?;
+                    let _ = std::fs::remove_file(&staged);
+                }
+            }
+        }
+        None => {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(pf.mode & 0o7777))
+                .and_then(|_| std::fs::rename(&staged, &target))
+                .map_err(|e| format!("writing {}: {e}", target.display()))?;
+        }
+    }
+    done(pf.size)
+}
+
+/// Streams the pool URL into `to`, hashing as it goes; never accepts more than the
+/// announced size, and fails unless size and MD5 match.
+fn download(
+    rt: &tokio::runtime::Handle,
+    pf: &PoolFile,
+    spec: &FetchSpec,
+    ctx: &FetchCtx,
+    to: &Path,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<(), String> {
+    let url = format!("http://{}/api/v1/files/{}?{}", ctx.center, pf.md5, pf.query);
+    let http: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(10)))
+        .timeout_recv_body(Some(Duration::from_secs(60)))
+        .max_redirects(4)
+        .build()
+        .into();
+    let mut resp = http
+        .get(&url)
+        .call()
+        .map_err(|e| format!("downloading {}: {e}", pf.md5))?;
+    if !resp.status().is_success() {
+        let why = resp.body_mut().read_to_string().unwrap_or_default();
+        return Err(format!(
+            "the pool answered {} for {}: {}",
+            resp.status(),
+            pf.md5,
+            why.trim()
+        ));
+    }
+    let limits = LimitSet::new([Limiter::new(spec.limit_down), ctx.node_down.clone()]);
+    let mut reader = resp.into_body().into_reader();
+    let mut out =
+        std::fs::File::create(to).map_err(|e| format!("creating {}: {e}", to.display()))?;
+    let mut h = Md5::new();
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut last = Instant::now();
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .map_err(|e| format!("downloading {}: {e}", pf.md5))?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+        if got > pf.size {
+            return Err(format!(
+                "the pool sent more than the {} bytes of {}",
+                pf.size, pf.md5
+            ));
+        }
+        if !limits.is_unlimited() {
+            rt.block_on(limits.acquire(n as u64));
+        }
+        h.update(&buf[..n]);
+        out.write_all(&buf[..n])
+            .map_err(|e| format!("writing {}: {e}", to.display()))?;
+        if last.elapsed() >= Duration::from_secs(1) {
+            progress(got, pf.size);
+            last = Instant::now();
+        }
+    }
+    out.sync_all()
+        .map_err(|e| format!("writing {}: {e}", to.display()))?;
+    let md5 = hex(h.finalize().as_slice());
+    if got != pf.size || md5 != pf.md5 {
+        return Err(format!(
+            "the download of {} does not verify: {got} bytes with MD5 {md5}, expected {} bytes",
+            pf.md5, pf.size
+        ));
+    }
+    progress(got, pf.size);
+    Ok(())
+}
+
+/// Resolves `USER[:GROUP]` (names or numeric ids) to ids; the group defaults to the
+/// user's primary group.
+pub fn resolve_owner(spec: &str) -> Result<(u32, u32), String> {
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let (uid, primary) = match user.parse::<u32>() {
+        Ok(n) => (n, None),
+        Err(_) => match crate::exec::lookup_user(user) {
+            Ok(Some(a)) => (a.uid, Some(a.gid)),
+            Ok(None) => return Err(format!("unknown user {user:?}")),
+            Err(e) => return Err(format!("looking up user {user:?}: {e}")),
+        },
+    };
+    let gid = match group {
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => crate::exec::lookup_group(g)
+                .map_err(|e| format!("looking up group {g:?}: {e}"))?
+                .ok_or_else(|| format!("unknown group {g:?}"))?,
+        },
+        None => match primary {
+            Some(g) => g,
+            None => {
+                return Err(format!(
+                    "give a group with the numeric user {user} (UID:GID)"
+                ))
+            }
+        },
+    };
+    Ok((uid, gid))
 }
 
 #[cfg(test)]
@@ -120,5 +453,33 @@ mod tests {
         std::os::unix::fs::symlink("/etc", d.path().join("link")).unwrap();
         let through = format!("{}/link/passwd", d.path().display());
         assert!(check_dest(&through).unwrap_err().contains("symlink"));
+    }
+
+    #[test]
+    fn owners_resolve() {
+        assert_eq!(resolve_owner("root").unwrap(), (0, 0));
+        assert_eq!(resolve_owner("0:0").unwrap(), (0, 0));
+        assert_eq!(resolve_owner("root:root").unwrap(), (0, 0));
+        assert!(resolve_owner("no-such-user-octo")
+            .unwrap_err()
+            .contains("unknown user"));
+        assert!(resolve_owner("root:no-such-group-octo")
+            .unwrap_err()
+            .contains("unknown group"));
+        assert!(resolve_owner("12345").is_err());
+    }
+
+    #[test]
+    fn single_files_land_like_cp() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().display().to_string();
+        assert_eq!(
+            single_target(d.path(), &dir, "a").unwrap(),
+            d.path().join("a")
+        );
+        let f = d.path().join("new");
+        assert_eq!(single_target(&f, &f.display().to_string(), "a").unwrap(), f);
+        assert!(single_target(d.path(), &dir, "../x").is_err());
+        assert!(single_target(d.path(), &dir, "..").is_err());
     }
 }

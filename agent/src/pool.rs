@@ -28,10 +28,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::ContentCache;
 
+/// The center's URL-signing public key, as the agent last heard it (empty before the
+/// first session: then every request gets 503).
+pub type CenterKey = Arc<std::sync::RwLock<Vec<u8>>>;
+
 #[derive(Clone)]
 struct Pool {
     cache: Arc<ContentCache>,
-    center_key: Arc<Vec<u8>>,
+    center_key: CenterKey,
 }
 
 /// A running pool server.
@@ -53,20 +57,17 @@ impl PoolHandle {
 }
 
 /// Serves `cache` on `listen`, accepting URLs signed by the key whose public half is
-/// `center_key`.
+/// in `center_key`.
 pub async fn spawn(
     listen: SocketAddr,
     cache: Arc<ContentCache>,
-    center_key: Vec<u8>,
+    center_key: CenterKey,
 ) -> std::io::Result<PoolHandle> {
     let tcp = tokio::net::TcpListener::bind(listen).await?;
     let local_addr = tcp.local_addr()?;
     let app = Router::new()
         .route("/files/{md5}", get(serve))
-        .with_state(Pool {
-            cache,
-            center_key: Arc::new(center_key),
-        });
+        .with_state(Pool { cache, center_key });
     let cancel = CancellationToken::new();
     let c = cancel.clone();
     let task = tokio::spawn(async move {
@@ -81,10 +82,27 @@ pub async fn spawn(
     })
 }
 
+/// The `exp` and `sig` query parameters of a signed URL.
 #[derive(Debug, Deserialize)]
-struct Signed {
-    exp: Option<u64>,
-    sig: Option<String>,
+pub struct Signed {
+    pub exp: Option<u64>,
+    pub sig: Option<String>,
+}
+
+impl Signed {
+    /// Checks the signature for `md5` against `key`: the reason on failure.
+    pub fn check(&self, key: &[u8], md5: &str) -> Result<(), String> {
+        let (Some(exp), Some(sig)) = (self.exp, self.sig.as_deref()) else {
+            return Err("a signed URL from the center is needed (exp and sig)".into());
+        };
+        if key.is_empty() {
+            return Err("no signing key from the center yet".into());
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        crate::urlsig::verify(key, md5, exp, sig, now).map_err(|e| e.to_string())
+    }
 }
 
 fn plain(status: StatusCode, msg: String) -> Response {
@@ -127,17 +145,9 @@ async fn serve(
     Query(q): Query<Signed>,
     headers: HeaderMap,
 ) -> Response {
-    let (Some(exp), Some(sig)) = (q.exp, q.sig) else {
-        return plain(
-            StatusCode::FORBIDDEN,
-            "a signed URL from the center is needed (exp and sig)".into(),
-        );
-    };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    if let Err(e) = crate::urlsig::verify(&p.center_key, &md5, exp, &sig, now) {
-        return plain(StatusCode::FORBIDDEN, e.to_string());
+    let key = p.center_key.read().unwrap().clone();
+    if let Err(e) = q.check(&key, &md5) {
+        return plain(StatusCode::FORBIDDEN, e);
     }
     let Some(path) = p.cache.get(&md5) else {
         return plain(
@@ -145,7 +155,13 @@ async fn serve(
             format!("content {md5} is not in this agent's cache"),
         );
     };
-    let mut file = match tokio::fs::File::open(&path).await {
+    respond_file(&path, &md5, &headers).await
+}
+
+/// Streams the file at `path` (content `md5`), honouring one `Range`: 200, 206 or
+/// 416. Shared by the agents' pool and the center's own copy of uploaded content.
+pub async fn respond_file(path: &std::path::Path, md5: &str, headers: &HeaderMap) -> Response {
+    let mut file = match tokio::fs::File::open(path).await {
         Ok(f) => f,
         Err(e) => return plain(StatusCode::NOT_FOUND, format!("opening {md5}: {e}")),
     };
@@ -243,7 +259,8 @@ mod tests {
         let md5 = "00112233445566778899aabbccddeeff";
         cache.insert(md5, &src).unwrap();
         let signer = UrlSigner::from_pkcs8(&UrlSigner::generate().unwrap()).unwrap();
-        let pool = spawn("127.0.0.1:0".parse().unwrap(), cache, signer.public_key())
+        let key = Arc::new(std::sync::RwLock::new(signer.public_key()));
+        let pool = spawn("127.0.0.1:0".parse().unwrap(), cache, key)
             .await
             .unwrap();
         let addr = pool.local_addr();

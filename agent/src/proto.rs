@@ -69,7 +69,7 @@ pub enum EnrollResponse {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum TaskBody {
     Exec(ExecSpec),
-    Fetch(FetchSpec),
+    Fetch(Box<FetchSpec>),
 }
 
 /// Fetch content over the transfer engine into `dest` (`octo cp`).
@@ -88,6 +88,32 @@ pub struct FetchSpec {
     pub limit_up: Option<u64>,
     /// Keep serving the content to other agents this long after it is verified.
     pub linger_ms: u64,
+    /// `USER[:GROUP]` to own every fetched file (names or numeric ids).
+    pub owner: Option<String>,
+    /// Fetch one file whole over HTTP from the pool instead of the swarm (small or
+    /// hot content the center holds).
+    pub pool: Option<PoolFile>,
+    /// The content is one the center seeds (an `--async` copy): the center fills
+    /// `ticket` in with its current seed's ticket each time it delivers the task, so a
+    /// restarted center (new port) still hands out a working one.
+    pub seed: Option<String>,
+    /// Total bytes of the content, for progress before the manifest arrives.
+    pub size: u64,
+}
+
+/// One file the pool serves, by content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolFile {
+    /// Lowercase hex MD5 of the whole file: the content id, checked after download.
+    pub md5: String,
+    pub size: u64,
+    /// The file's name, used when the destination is a directory.
+    pub name: String,
+    /// Permission bits of the source.
+    pub mode: u32,
+    /// `exp=..&sig=..`, signed by the center at delivery: the agent asks the center
+    /// at `/api/v1/files/{md5}?{query}` and follows its redirect to a pool member.
+    pub query: String,
 }
 
 /// How a task ended on a host, as the agent reports it.
@@ -131,7 +157,22 @@ pub enum AgentMsg {
         started_at: u64,
         finished_at: u64,
     },
+    /// Bytes of a fetch in place so far (verified or received), about once a second.
+    Progress {
+        task: u64,
+        bytes: u64,
+        total: u64,
+    },
+    /// What this agent's HTTP pool serves: its TCP port (0: no pool) and every MD5 in
+    /// its cache (at most [`MAX_HOLDINGS`]). Replaces the previous report.
+    Holdings {
+        pool_port: u16,
+        md5s: Vec<String>,
+    },
 }
+
+/// Cap on the MD5s in one [`AgentMsg::Holdings`]: the most recently used are sent.
+pub const MAX_HOLDINGS: usize = 20_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum CenterMsg {
@@ -140,6 +181,8 @@ pub enum CenterMsg {
     Welcome {
         heartbeat_ms: u64,
         centers: Vec<String>,
+        /// The center's Ed25519 public key for signed pool URLs.
+        url_key: Vec<u8>,
     },
     /// Run this task. Tasks arrive in the host's queue order.
     Task {

@@ -25,7 +25,7 @@ use axum::http::request::Parts;
 use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use octopus_agent::exec::{ExecKind, ExecSpec};
 use octopus_agent::proto::{self, TaskBody, MAX_SCRIPT};
@@ -34,7 +34,7 @@ use serde_json::{json, Value};
 
 use crate::auth;
 use crate::center::{self, Batch, Inner};
-use crate::store::{Scope, TaskRecord, TaskState};
+use crate::store::{HostState, Scope, TaskRecord, TaskState};
 
 /// An API failure: a status and a message. The one place statuses are chosen.
 #[derive(Debug)]
@@ -209,6 +209,9 @@ pub(crate) fn router(inner: Shared) -> Router {
         .route("/tasks/{id}/cancel", post(cancel_task))
         .route("/tokens", post(create_token).get(list_tokens))
         .route("/tokens/{id}/revoke", post(revoke_token))
+        .route("/tasks/{id}/progress", get(task_progress))
+        .route("/files", put(upload_file).get(list_files))
+        .route("/files/{md5}", get(get_file))
         .route("/audit", get(list_audit))
         .route("/info", get(info))
         .route("/metrics", get(metrics))
@@ -418,6 +421,31 @@ struct NewTask {
     limit_down: Option<u64>,
     #[serde(default)]
     limit_up: Option<u64>,
+    /// `USER[:GROUP]` to own the copied files.
+    #[serde(default)]
+    owner: Option<String>,
+    /// Total bytes of the content, for progress.
+    #[serde(default)]
+    size: u64,
+    /// A single uploaded file to send through the HTTP pool.
+    #[serde(default)]
+    pool: Option<PoolFileReq>,
+    /// Uploaded files the center seeds over the transfer engine (`cp --async`).
+    #[serde(default)]
+    upload: Option<Vec<crate::content::UploadedFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PoolFileReq {
+    md5: String,
+    size: u64,
+    name: String,
+    #[serde(default = "default_mode")]
+    mode: u32,
+}
+
+fn default_mode() -> u32 {
+    0o644
 }
 
 async fn create_task(
@@ -433,35 +461,81 @@ async fn create_task(
     };
     let ttl = Duration::from_millis(t.ttl_ms.unwrap_or(3_600_000));
     if t.kind.as_deref() == Some("fetch") {
-        let (Some(ticket), Some(dest)) = (t.ticket, t.dest) else {
-            return Err(ApiError::bad_request("a fetch needs a ticket and a dest"));
+        let Some(dest) = t.dest else {
+            return Err(ApiError::bad_request("a fetch needs a dest"));
         };
         if !dest.starts_with('/') || dest.split('/').any(|c| c == ".." || c == ".") {
             return Err(ApiError::bad_request(format!(
                 "destination {dest:?} must be absolute, without '.' or '..'"
             )));
         }
-        let spec = octopus_agent::proto::FetchSpec {
-            ticket,
+        let mut spec = octopus_agent::proto::FetchSpec {
+            ticket: String::new(),
             dest: dest.clone(),
             mkdir: t.mkdir,
             mode: t.mode,
             limit_down: t.limit_down,
             limit_up: t.limit_up,
             linger_ms: 30_000,
+            owner: t.owner,
+            pool: None,
+            seed: None,
+            size: t.size,
         };
-        let rec = center::create_task(
+        match (t.ticket, t.pool, t.upload) {
+            (Some(ticket), None, None) => spec.ticket = ticket,
+            (None, Some(p), None) => {
+                if inner.content.cache.get(&p.md5).is_none() {
+                    return Err(ApiError::bad_request(format!(
+                        "content {} was not uploaded (PUT /api/v1/files first)",
+                        p.md5
+                    )));
+                }
+                if p.name.is_empty() || p.name.contains('/') || p.name == ".." || p.name == "." {
+                    return Err(ApiError::bad_request(format!("bad file name {:?}", p.name)));
+                }
+                spec.pool = Some(octopus_agent::proto::PoolFile {
+                    md5: p.md5,
+                    size: p.size,
+                    name: p.name,
+                    mode: p.mode,
+                    query: String::new(),
+                });
+            }
+            (None, None, Some(files)) => {
+                let seed = inner
+                    .content
+                    .create_seed(&files)
+                    .await
+                    .map_err(ApiError::bad_request)?;
+                spec.seed = Some(seed);
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "a fetch needs exactly one of ticket, pool and upload",
+                ))
+            }
+        }
+        let seed = spec.seed.clone();
+        let created = center::create_task(
             &inner,
             &caller.token_id,
             center::TaskRequest {
                 target: t.target,
-                body: TaskBody::Fetch(spec),
-                summary: format!("cp -> {dest}"),
+                body: TaskBody::Fetch(Box::new(spec)),
+                summary: format!("cp ({} bytes) -> {dest}", t.size),
                 ttl,
                 batch,
                 max_failures: t.max_failures,
             },
-        )?;
+        );
+        if let Some(seed) = seed {
+            // The seed lives as long as its task; without one, the sweeper drops it.
+            if let Ok(rec) = &created {
+                inner.content.bind_seed(&seed, rec.id);
+            }
+        }
+        let rec = created?;
         return Ok((
             StatusCode::CREATED,
             Json(json!({ "id": rec.id, "hosts": rec.hosts })),
@@ -534,6 +608,33 @@ struct HostView {
     queued_at: u64,
     started_at: Option<u64>,
     finished_at: Option<u64>,
+    /// Fetches: bytes in place and the content's total, as last reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total: Option<u64>,
+    /// Fetches: bytes that crossed the network, and the MD5 of each file placed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    received: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    md5: Vec<String>,
+}
+
+/// What a finished fetch's output says: the MD5 per file and the bytes received.
+fn fetch_facts(stdout: &[u8]) -> (Vec<String>, Option<u64>) {
+    let text = String::from_utf8_lossy(stdout);
+    let mut md5s = Vec::new();
+    let mut received = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("received ") {
+            received = rest.split(' ').next().and_then(|n| n.parse().ok());
+        } else if let Some((m, _)) = line.split_once("  ") {
+            if m.len() == 32 && m.bytes().all(|b| b.is_ascii_hexdigit()) {
+                md5s.push(m.to_string());
+            }
+        }
+    }
+    (md5s, received)
 }
 
 fn task_json(inner: &Inner, rec: TaskRecord, with_output: bool) -> Result<Value, ApiError> {
@@ -541,6 +642,12 @@ fn task_json(inner: &Inner, rec: TaskRecord, with_output: bool) -> Result<Value,
     let results = inner.store.results(id)?;
     let running = inner.running.lock().unwrap().clone();
     let mut counts = std::collections::BTreeMap::<&str, u32>::new();
+    let fetch_size = match center::task_body(inner, id).as_deref() {
+        Some((TaskBody::Fetch(f), _)) => Some(f.size),
+        _ => None,
+    };
+    let is_fetch = fetch_size.is_some();
+    let size = fetch_size.unwrap_or(0);
     let hosts: Vec<HostView> = results
         .into_iter()
         .map(|r| {
@@ -551,7 +658,25 @@ fn task_json(inner: &Inner, rec: TaskRecord, with_output: bool) -> Result<Value,
                 center::state_name(r.state)
             };
             *counts.entry(state).or_default() += 1;
+            let prog = is_fetch
+                .then(|| inner.content.progress(id, &r.host))
+                .flatten();
+            let (md5, received) = if is_fetch && r.state == HostState::Ok {
+                fetch_facts(&r.stdout)
+            } else {
+                (Vec::new(), None)
+            };
+            let total = prog.map(|p| p.1).or(is_fetch.then_some(size));
+            let bytes = if is_fetch && r.state == HostState::Ok {
+                total
+            } else {
+                prog.map(|p| p.0).or(is_fetch.then_some(0))
+            };
             HostView {
+                bytes,
+                total,
+                received,
+                md5,
                 host: r.host,
                 state,
                 exit_code: r.exit_code,
@@ -630,6 +755,115 @@ struct EventsQuery {
     /// Seconds to wait for something new (at most 30).
     #[serde(default)]
     wait: Option<u64>,
+}
+
+/// A copy's progress in one call, for progress bars: hosts done, bytes in place over
+/// all hosts, and the slowest host still fetching.
+async fn task_progress(
+    caller: Caller,
+    State(inner): State<Shared>,
+    Path(id): Path<u64>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Read)?;
+    let size = match center::task_body(&inner, id).as_deref() {
+        Some((TaskBody::Fetch(f), _)) => f.size,
+        Some(_) => 0,
+        None => return Err(ApiError::not_found(format!("no task {id}"))),
+    };
+    let results = inner.store.results(id)?;
+    let (mut done, mut failed, mut bytes, mut total) = (0u64, 0u64, 0u64, 0u64);
+    let mut slowest: Option<(f64, String, u64, u64)> = None;
+    for r in &results {
+        let prog = inner.content.progress(id, &r.host);
+        let t = prog.map_or(size, |p| p.1);
+        total += t;
+        if r.state.is_final() {
+            done += 1;
+            if r.state == HostState::Ok {
+                bytes += t;
+            } else {
+                failed += 1;
+            }
+            continue;
+        }
+        let b = prog.map_or(0, |p| p.0);
+        bytes += b;
+        let frac = if t == 0 { 0.0 } else { b as f64 / t as f64 };
+        if slowest.as_ref().is_none_or(|s| frac < s.0) {
+            slowest = Some((frac, r.host.clone(), b, t));
+        }
+    }
+    Ok(Json(json!({
+        "id": id, "hosts": results.len(), "done": done, "failed": failed,
+        "bytes": bytes, "total": total,
+        "slowest": slowest.map(|(_, h, b, t)| json!({"host": h, "bytes": b, "total": t})),
+    })))
+}
+
+/// `PUT /api/v1/files`: store the body in the center's content cache (for the pool
+/// and for `cp --async`); answers its MD5 and size.
+async fn upload_file(
+    caller: Caller,
+    State(inner): State<Shared>,
+    body: axum::body::Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require(Scope::Operator)?;
+    let max = inner.content.cache.quota();
+    let (md5, size) = inner
+        .content
+        .upload(body.into_data_stream(), max)
+        .await
+        .map_err(ApiError::bad_request)?;
+    Ok((StatusCode::CREATED, Json(json!({"md5": md5, "size": size}))))
+}
+
+/// `GET /api/v1/files`: pool members, their load, and the most requested contents.
+async fn list_files(caller: Caller, State(inner): State<Shared>) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Read)?;
+    Ok(Json(inner.content.pool_view()))
+}
+
+/// `GET /api/v1/files/{md5}`: a URL the center signed (agents, `curl -L`) or a token
+/// with the read scope. Redirects to the least-loaded pool member holding the
+/// content, or serves the center's own copy.
+async fn get_file(
+    State(inner): State<Shared>,
+    Path(md5): Path<String>,
+    Query(q): Query<octopus_agent::pool::Signed>,
+    req: Request,
+) -> Response {
+    let (mut parts, _) = req.into_parts();
+    let authorised = if q.sig.is_some() {
+        q.check(&inner.content.signer.public_key(), &md5)
+            .map_err(ApiError::forbidden)
+    } else {
+        match Caller::from_request_parts(&mut parts, &inner).await {
+            Ok(c) => c.require(Scope::Read),
+            Err(e) => Err(e),
+        }
+    };
+    if let Err(e) = authorised {
+        return e.into_response();
+    }
+    match inner.content.pick(&md5) {
+        crate::content::PoolChoice::Member(host, addr) => {
+            let url = format!("http://{addr}/files/{md5}?{}", inner.content.sign(&md5));
+            tracing::debug!(%md5, %host, "pool redirect");
+            (
+                StatusCode::FOUND,
+                [(axum::http::header::LOCATION, url)],
+                format!("at {host}\n"),
+            )
+                .into_response()
+        }
+        crate::content::PoolChoice::Center => match inner.content.cache.get(&md5) {
+            Some(path) => octopus_agent::pool::respond_file(&path, &md5, &parts.headers).await,
+            None => ApiError::not_found(format!("no pool member holds {md5}")).into_response(),
+        },
+        crate::content::PoolChoice::Nowhere => {
+            ApiError::not_found(format!("no pool member holds {md5}")).into_response()
+        }
+    }
 }
 
 async fn task_events(

@@ -50,7 +50,13 @@ pub struct CenterConfig {
     pub data_dir: PathBuf,
     /// How often agents send heartbeats.
     pub heartbeat: Duration,
+    /// Disk quota of the center's content cache (uploads for the pool and for
+    /// `--async` copies).
+    pub content_quota: u64,
 }
+
+/// Default quota of the center's content cache: 20 GiB.
+pub const DEFAULT_CONTENT_QUOTA: u64 = 20 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CenterError {
@@ -70,6 +76,8 @@ pub enum CenterError {
     },
     #[error("starting the QUIC endpoint: {0}")]
     Quic(String),
+    #[error("setting up the content store: {0}")]
+    Content(String),
 }
 
 /// One live event of a task, for `octo exec` / `octo task wait` to follow.
@@ -124,6 +132,7 @@ pub(crate) struct Inner {
     /// Bodies of running tasks (and their expiry), so pumping a host's queue does not
     /// decode the whole task record (with its list of every host) once per host.
     bodies: Mutex<HashMap<u64, Arc<(TaskBody, u64)>>>,
+    pub content: crate::content::Content,
 }
 
 /// Counters for `/api/v1/metrics` (Prometheus text format).
@@ -186,6 +195,8 @@ const META_CA_KEY: &str = "ca.key";
 const META_CA_NAME: &str = "ca.name";
 /// QUIC stateless-reset secret: kept so a restarted center resets old connections.
 const META_RESET_KEY: &str = "quic.reset";
+/// Ed25519 key (PKCS#8) that signs pool URLs.
+const META_URL_KEY: &str = "url.key";
 
 fn load_or_create_ca(store: &dyn Store) -> Result<CertAuthority, CenterError> {
     if let (Some(cert), Some(key), Some(name)) = (
@@ -272,8 +283,23 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         source,
     })?;
 
+    let url_key = match store.get_meta(META_URL_KEY)? {
+        Some(k) => k,
+        None => {
+            let k = octopus_agent::urlsig::UrlSigner::generate()
+                .map_err(|e| CenterError::Content(e.to_string()))?;
+            store.put_meta(META_URL_KEY, &k)?;
+            k
+        }
+    };
+    let signer = octopus_agent::urlsig::UrlSigner::from_pkcs8(&url_key)
+        .map_err(|e| CenterError::Content(e.to_string()))?;
+    let content = crate::content::Content::open(&cfg.data_dir, cfg.content_quota, signer)
+        .map_err(CenterError::Content)?;
+
     let (finish_tx, finish_rx) = mpsc::unbounded_channel();
     let inner = Arc::new(Inner {
+        content,
         live: Mutex::new(HashMap::new()),
         running: Mutex::new(HashSet::new()),
         finish_tx,
@@ -299,6 +325,20 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         tracker.clone(),
     ));
     tracker.spawn(sweeper(inner.clone(), cancel.clone()));
+    {
+        // Seeds of `--async` copies still running come back; their tasks wait for
+        // them (pump_queue skips a seed task until its seed is up).
+        let inner = inner.clone();
+        tracker.spawn(async move {
+            let st = inner.store.clone();
+            inner
+                .content
+                .restore_seeds(|t| task_open(st.as_ref(), t))
+                .await;
+            let hosts: Vec<String> = inner.sessions.lock().unwrap().keys().cloned().collect();
+            kick_hosts(&inner, &hosts);
+        });
+    }
     tracker.spawn(committer(inner.clone(), finish_rx, cancel.clone()));
     let app = crate::api::router(inner.clone());
     let c2 = cancel.clone();
@@ -583,6 +623,7 @@ async fn serve_ctl(inner: Arc<Inner>, conn: Connection, cancel: CancellationToke
     let welcome = CenterMsg::Welcome {
         heartbeat_ms: inner.heartbeat.as_millis() as u64,
         centers: vec![inner.quic_addr.to_string()],
+        url_key: inner.content.signer.public_key(),
     };
     if proto::write_msg(&mut send, &welcome).await.is_err() {
         return;
@@ -628,7 +669,7 @@ async fn serve_ctl(inner: Arc<Inner>, conn: Connection, cancel: CancellationToke
                 break;
             }
         };
-        if let Err(e) = handle_agent_msg(&inner, &host, &tx, msg) {
+        if let Err(e) = handle_agent_msg(&inner, &host, remote.ip(), &tx, msg) {
             warn!(%host, "handling an agent message: {e}");
         }
     }
@@ -638,6 +679,7 @@ async fn serve_ctl(inner: Arc<Inner>, conn: Connection, cancel: CancellationToke
     if sessions.get(&host).is_some_and(|s| s.id == sid) {
         sessions.remove(&host);
         drop(sessions);
+        inner.content.drop_member(&host);
         let _ = inner.store.set_online(&host, false, proto::now_ms());
         info!(%host, "agent offline");
     }
@@ -685,7 +727,20 @@ fn pump_queue(
             }
             continue;
         }
-        let body = cached.0.clone();
+        let mut body = cached.0.clone();
+        // Delivery-time parts of a copy: the seed's current ticket, a fresh URL.
+        if let TaskBody::Fetch(spec) = &mut body {
+            if let Some(seed) = &spec.seed {
+                match inner.content.seed_ticket(seed) {
+                    Some(t) => spec.ticket = t,
+                    // Not up yet (a restarted center restores it): wait for the kick.
+                    None => continue,
+                }
+            }
+            if let Some(pf) = &mut spec.pool {
+                pf.query = inner.content.sign(&pf.md5);
+            }
+        }
         sent.insert(task);
         let _ = tx.send(CenterMsg::Task {
             task,
@@ -696,7 +751,7 @@ fn pump_queue(
 }
 
 /// A task's body and expiry, from the cache or the store.
-fn task_body(inner: &Inner, task: u64) -> Option<Arc<(TaskBody, u64)>> {
+pub(crate) fn task_body(inner: &Inner, task: u64) -> Option<Arc<(TaskBody, u64)>> {
     if let Some(b) = inner.bodies.lock().unwrap().get(&task) {
         return Some(b.clone());
     }
@@ -717,15 +772,27 @@ fn task_body(inner: &Inner, task: u64) -> Option<Arc<(TaskBody, u64)>> {
     Some(entry)
 }
 
+/// Whether a task is still running (unknown ones are not).
+pub(crate) fn task_open(store: &dyn Store, task: u64) -> bool {
+    matches!(store.get_task(task), Ok(Some(t)) if t.state == TaskState::Running)
+}
+
 fn handle_agent_msg(
     inner: &Inner,
     host: &str,
+    ip: std::net::IpAddr,
     tx: &mpsc::UnboundedSender<CenterMsg>,
     msg: AgentMsg,
 ) -> Result<(), crate::store::StoreError> {
     let now = proto::now_ms();
     match msg {
         AgentMsg::Hello { .. } => {}
+        AgentMsg::Progress { task, bytes, total } => {
+            inner.content.set_progress(task, host, bytes, total);
+        }
+        AgentMsg::Holdings { pool_port, md5s } => {
+            inner.content.set_holdings(host, ip, pool_port, md5s);
+        }
         AgentMsg::Heartbeat(r) => {
             let r = postcard::to_stdvec(&r).unwrap_or_default();
             inner
@@ -1014,6 +1081,7 @@ async fn committer(
 /// event logs of tasks finished a while ago.
 async fn sweeper(inner: Arc<Inner>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut seed_tick = 0u64;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -1051,6 +1119,15 @@ async fn sweeper(inner: Arc<Inner>, cancel: CancellationToken) {
             .lock()
             .unwrap()
             .retain(|id, _| !done.contains(id));
+        inner.content.forget_progress(&done);
+        seed_tick += 1;
+        if seed_tick.is_multiple_of(10) {
+            let st = inner.store.clone();
+            inner
+                .content
+                .sweep_seeds(|t| task_open(st.as_ref(), t))
+                .await;
+        }
     }
 }
 

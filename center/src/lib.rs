@@ -2,5 +2,6 @@
 pub mod api;
 pub mod auth;
 pub mod center;
+pub mod content;
 pub mod store;
 pub mod target;

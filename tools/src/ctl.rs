@@ -9,8 +9,9 @@
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
+use std::io::Read;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -129,6 +130,7 @@ pub struct ExecArgs {
 }
 
 /// An API client bound to one center and token.
+#[derive(Clone)]
 pub struct Client {
     base: String,
     token: String,
@@ -209,6 +211,20 @@ impl Client {
             .get(self.url(path))
             .header("Authorization", format!("Bearer {}", self.token))
             .call();
+        self.finish(what, r)
+    }
+
+    /// Streams `reader` as the body of a PUT (no overall timeout: uploads are big).
+    pub fn put_stream(&self, what: &str, path: &str, reader: impl Read + 'static) -> Result<Value> {
+        let http: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        let r = http
+            .put(self.url(path))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .send(ureq::SendBody::from_owned_reader(reader));
         self.finish(what, r)
     }
 
@@ -571,7 +587,14 @@ pub fn task(conn: &Conn, cmd: TaskCmd) -> Result<bool> {
             }
             Ok(true)
         }
-        TaskCmd::Wait { id, json } => follow(&c, id, json),
+        TaskCmd::Wait { id, json } => {
+            let t = c.get("reading the task", &format!("/tasks/{id}"))?;
+            let hosts = t["hosts"].as_array().map_or(0, Vec::len) as u64;
+            // The byte-level bar is for copies; commands print their output instead.
+            let is_copy = t["hosts"][0].get("total").is_some();
+            let bar = (is_copy && !json && std::io::stderr().is_terminal()).then_some(hosts);
+            follow_copy(&c, id, json, bar)
+        }
         TaskCmd::Cancel { id, json } => {
             let v = c.post(
                 "cancelling the task",
@@ -697,6 +720,7 @@ pub async fn center(
     listen: SocketAddr,
     data_dir: Option<PathBuf>,
     heartbeat: Duration,
+    content_quota: u64,
     json_out: bool,
 ) -> Result<()> {
     let data_dir = data_dir.unwrap_or_else(|| default_dir("center"));
@@ -704,6 +728,7 @@ pub async fn center(
         listen,
         data_dir: data_dir.clone(),
         heartbeat,
+        content_quota,
     })
     .await
     .context("starting the center")?;
@@ -771,6 +796,18 @@ pub struct AgentOpts {
     /// KEY=VALUE, repeatable.
     #[arg(long = "tag")]
     pub tags: Vec<String>,
+    /// Disk quota of the content cache, e.g. 10GiB; 0 disables the cache and the pool.
+    #[arg(long, default_value = "10GiB", value_parser = crate::parse_rate_arg)]
+    pub cache_quota: u64,
+    /// Address of this agent's HTTP pool (it serves the cache to signed URLs).
+    #[arg(long, default_value = "0.0.0.0:0")]
+    pub pool_listen: std::net::SocketAddr,
+    /// Upload limit of this agent, all transfers together (see RATE in `octo --help`).
+    #[arg(long, value_parser = crate::parse_rate_arg)]
+    pub limit_up: Option<u64>,
+    /// Download limit of this agent, all transfers together.
+    #[arg(long, value_parser = crate::parse_rate_arg)]
+    pub limit_down: Option<u64>,
     #[arg(long)]
     pub json: bool,
 }
@@ -803,6 +840,10 @@ pub async fn agent(o: AgentOpts) -> Result<()> {
         name: name.clone(),
         tags,
         simulate: false,
+        cache_quota: o.cache_quota,
+        pool_listen: Some(o.pool_listen),
+        limit_up: o.limit_up,
+        limit_down: o.limit_down,
     })
     .await
     .context("starting the agent")?;
@@ -843,10 +884,22 @@ pub struct CpArgs {
     /// Roll out in waves of N hosts or N% of them.
     #[arg(long)]
     pub batch: Option<String>,
-    /// Offline hosts still get the copy if they return within this long (while this
-    /// command still runs and seeds).
+    /// Offline hosts still get the copy if they return within this long.
     #[arg(long, default_value = "1h", value_parser = crate::parse_duration)]
     pub ttl: Duration,
+    /// Upload the sources to the center, which seeds them; print the task id and
+    /// return (follow with `octo task wait ID`).
+    #[arg(long = "async")]
+    pub async_: bool,
+    /// USER[:GROUP] to own the copied files on the hosts.
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Send a single file through the HTTP pool whatever its size (hot content).
+    #[arg(long)]
+    pub hot: bool,
+    /// Single files up to this size go through the HTTP pool instead of the swarm.
+    #[arg(long, default_value = "1MiB", value_parser = crate::parse_rate_arg)]
+    pub small: u64,
     #[arg(long)]
     pub json: bool,
     /// SRC... TARGET:DEST (DEST absolute on the hosts; a directory receives the sources
@@ -855,9 +908,15 @@ pub struct CpArgs {
     pub args: Vec<String>,
 }
 
-/// `octo cp`: this process seeds the sources over the transfer engine, the center
-/// queues a fetch on every target host, and the agents fetch peer to peer (from
-/// this seeder and from each other). Returns true iff every host got the content.
+/// `octo cp`. Three ways to move the content, all verified by MD5 on the hosts:
+/// - a single small (or `--hot`) file is uploaded to the center and fetched whole over
+///   HTTP from the pool (the center, then the agents that already hold it);
+/// - with `--async`, the sources are uploaded and the center seeds them peer to peer,
+///   so this command can return at once;
+/// - otherwise this process seeds the sources over the transfer engine while the
+///   agents fetch peer to peer (from it and from each other).
+///
+/// Returns true iff every host got the content (or, with `--async`, the task exists).
 pub async fn cp(conn: Conn, a: CpArgs) -> Result<bool> {
     let (srcs, to) = a.args.split_at(a.args.len() - 1);
     let (target, dest) = to[0]
@@ -884,26 +943,54 @@ pub async fn cp(conn: Conn, a: CpArgs) -> Result<bool> {
         ),
         None => None,
     };
-    let cfg = octopus_transfer::node::NodeConfig {
-        listen: "0.0.0.0:0".parse().expect("valid"),
-        limit_up: a.limit_up,
-        ..Default::default()
+    let single = match roots.as_slice() {
+        [one] => std::fs::metadata(one).ok().filter(|m| m.is_file()),
+        _ => None,
     };
-    let seed = octopus_transfer::node::share(
-        cfg,
-        roots,
-        octopus_transfer::manifest::BuildOptions::default(),
-    )
-    .await
-    .context("hashing and serving the sources")?;
-    let ticket = seed.ticket().encode();
-    let total = seed.manifest().total_size();
-    let body = json!({
-        "target": target, "kind": "fetch", "ticket": ticket, "dest": dest, "mkdir": a.mkdir,
-        "mode": mode, "limit_down": a.limit_down, "ttl_ms": a.ttl.as_millis() as u64,
-        "batch": a.batch,
+    let pool_mode = single.as_ref().is_some_and(|m| a.hot || m.len() <= a.small);
+    let mut body = json!({
+        "target": target, "kind": "fetch", "dest": dest, "mkdir": a.mkdir,
+        "mode": mode, "limit_down": a.limit_down, "limit_up": a.limit_up,
+        "ttl_ms": a.ttl.as_millis() as u64, "batch": a.batch, "owner": a.owner,
     });
     let json_out = a.json;
+    let mut seed = None;
+    let total;
+    if pool_mode || a.async_ {
+        let conn2 = conn.clone();
+        let (files, t) =
+            tokio::task::spawn_blocking(move || upload_sources(&conn2, &roots, json_out))
+                .await
+                .context("joining the uploader")??;
+        total = t;
+        if pool_mode {
+            let (path, md5, mode) = &files[0];
+            body["pool"] = json!({"md5": md5, "size": total, "name": path, "mode": mode});
+        } else {
+            body["upload"] = json!(files
+                .iter()
+                .map(|(p, m, mode)| json!({"path": p, "md5": m, "mode": mode}))
+                .collect::<Vec<_>>());
+        }
+    } else {
+        let cfg = octopus_transfer::node::NodeConfig {
+            listen: "0.0.0.0:0".parse().expect("valid"),
+            limit_up: a.limit_up,
+            ..Default::default()
+        };
+        let s = octopus_transfer::node::share(
+            cfg,
+            roots,
+            octopus_transfer::manifest::BuildOptions::default(),
+        )
+        .await
+        .context("hashing and serving the sources")?;
+        body["ticket"] = json!(s.ticket().encode());
+        total = s.manifest().total_size();
+        seed = Some(s);
+    }
+    body["size"] = json!(total);
+    let async_ = a.async_;
     let res = tokio::task::spawn_blocking(move || -> Result<bool> {
         let c = Client::new(&conn)?;
         let created = c.post("creating the copy task", "/tasks", &body)?;
@@ -911,19 +998,167 @@ pub async fn cp(conn: Conn, a: CpArgs) -> Result<bool> {
             .as_u64()
             .context("the center gave no task id")?;
         let hosts = created["hosts"].as_array().map_or(0, Vec::len);
+        let how = if pool_mode { "pool" } else { "swarm" };
         if json_out {
             println!(
                 "{}",
-                json!({"event": "created", "id": id, "hosts": created["hosts"], "bytes": total})
+                json!({"event": "created", "id": id, "hosts": created["hosts"], "bytes": total, "via": how})
             );
+        } else if async_ {
+            println!("{id}");
+            eprintln!("task {id}: copying {total} bytes to {hosts} host(s) via the {how}; follow with `octo task wait {id}`");
         } else {
-            eprintln!("task {id}: copying {total} bytes to {hosts} host(s)");
+            eprintln!("task {id}: copying {total} bytes to {hosts} host(s) via the {how}");
+        }
+        if async_ {
+            return Ok(true);
         }
         let bar = (!json_out && std::io::stderr().is_terminal()).then_some(hosts as u64);
-        follow_with(&c, id, json_out, bar)
+        follow_copy(&c, id, json_out, bar)
     })
     .await
     .context("joining the API client")?;
-    seed.shutdown().await;
+    if let Some(s) = seed {
+        s.shutdown().await;
+    }
     res
+}
+
+/// One uploaded file: (path under the copy's root, MD5, mode).
+type Uploaded = (String, String, u32);
+
+/// Uploads every file under `roots` to the center; returns each file and the total
+/// bytes.
+fn upload_sources(conn: &Conn, roots: &[PathBuf], json_out: bool) -> Result<(Vec<Uploaded>, u64)> {
+    let c = Client::new(conn)?;
+    let mut files = Vec::new();
+    for root in roots {
+        let base = root
+            .file_name()
+            .with_context(|| format!("reading the source {}: it has no name", root.display()))?
+            .to_string_lossy()
+            .into_owned();
+        walk(root, &base, &mut files)?;
+    }
+    let total: u64 = files.iter().map(|(_, _, len, _)| *len).sum();
+    let bar = (!json_out && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "uploading {bar:40.cyan/blue} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .expect("valid template"),
+        );
+        b
+    });
+    let mut out = Vec::new();
+    for (rel, path, _, mode) in files {
+        let f =
+            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let reader: Box<dyn Read> = match &bar {
+            Some(b) => Box::new(b.wrap_read(f)),
+            None => Box::new(f),
+        };
+        let v = c.put_stream(&format!("uploading {}", path.display()), "/files", reader)?;
+        let md5 = v["md5"]
+            .as_str()
+            .context("the center gave no MD5 for the upload")?
+            .to_string();
+        out.push((rel, md5, mode & 0o7777));
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok((out, total))
+}
+
+/// Regular files under `p` as (path under the copy's root, path here, size, mode).
+fn walk(p: &Path, rel: &str, out: &mut Vec<(String, PathBuf, u64, u32)>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let m = std::fs::symlink_metadata(p).with_context(|| format!("reading {}", p.display()))?;
+    if m.is_dir() {
+        let mut entries: Vec<_> = std::fs::read_dir(p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .filter_map(|e| e.ok())
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name().to_string_lossy().into_owned();
+            walk(&e.path(), &format!("{rel}/{name}"), out)?;
+        }
+    } else if m.is_file() {
+        out.push((
+            rel.to_string(),
+            p.to_path_buf(),
+            m.len(),
+            m.permissions().mode(),
+        ));
+    } else {
+        bail!("{} is neither a file nor a directory", p.display());
+    }
+    Ok(())
+}
+
+/// Follows a copy: a bar of hosts done with the aggregate rate, the slowest host and
+/// an ETA (on a terminal), then the summary table.
+pub fn follow_copy(c: &Client, id: u64, json_out: bool, bar_hosts: Option<u64>) -> Result<bool> {
+    let Some(n) = bar_hosts else {
+        return follow(c, id, json_out);
+    };
+    let bar = indicatif::ProgressBar::new(n);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30.cyan/blue} {pos}/{len} hosts  {msg}  {elapsed}",
+        )
+        .expect("valid template"),
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let (c, bar, stop) = (c.clone(), bar.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(p) = c.get(
+                    "reading the copy's progress",
+                    &format!("/tasks/{id}/progress"),
+                ) {
+                    bar.set_position(p["done"].as_u64().unwrap_or(0));
+                    bar.set_message(progress_line(&p, started.elapsed()));
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    let res = follow_inner(c, id, json_out, None);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = poller.join();
+    bar.finish_and_clear();
+    res
+}
+
+/// "12.3 MB/s  slowest web-3 40%  ETA 8s" from a `/tasks/{id}/progress` answer.
+fn progress_line(p: &Value, elapsed: Duration) -> String {
+    let bytes = p["bytes"].as_u64().unwrap_or(0);
+    let total = p["total"].as_u64().unwrap_or(0);
+    let secs = elapsed.as_secs_f64().max(0.001);
+    let rate = bytes as f64 / secs;
+    let mut s = format!("{}/s", indicatif::HumanBytes(rate as u64));
+    if let Some(sl) = p["slowest"].as_object() {
+        let (b, t) = (
+            sl["bytes"].as_u64().unwrap_or(0),
+            sl["total"].as_u64().unwrap_or(0).max(1),
+        );
+        s.push_str(&format!(
+            "  slowest {} {}%",
+            sl["host"].as_str().unwrap_or("?"),
+            b * 100 / t
+        ));
+    }
+    if rate > 0.0 && total > bytes {
+        s.push_str(&format!(
+            "  ETA {}",
+            indicatif::HumanDuration(Duration::from_secs_f64((total - bytes) as f64 / rate))
+        ));
+    }
+    s
 }

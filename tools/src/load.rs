@@ -79,6 +79,10 @@ pub async fn run(a: Args) -> Result<()> {
                     ("group".into(), format!("g{}", k % 10)),
                 ],
                 simulate: true,
+                cache_quota: 0,
+                pool_listen: None,
+                limit_up: None,
+                limit_down: None,
             };
             wave.push(tokio::spawn(octopus_agent::daemon::spawn(cfg)));
         }

@@ -95,6 +95,9 @@ enum Cmd {
         /// How often agents report.
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         heartbeat: Duration,
+        /// Disk quota for uploaded content (small and hot files, `cp --async`).
+        #[arg(long, default_value = "20GiB", value_parser = parse_rate_arg)]
+        content_quota: u64,
         #[arg(long)]
         json: bool,
     },
@@ -247,8 +250,9 @@ fn main() -> ExitCode {
                 listen,
                 data_dir,
                 heartbeat,
+                content_quota,
                 json,
-            } => ctl::center(listen, data_dir, heartbeat, json).await,
+            } => ctl::center(listen, data_dir, heartbeat, content_quota, json).await,
             Cmd::Agent(opts) => ctl::agent(opts).await,
             // The API clients block on HTTP; nothing else runs on this runtime then.
             Cmd::Agents { conn, target, json } => ctl::agents(&conn, target, json),
