@@ -379,6 +379,7 @@ pub async fn spawn(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             center: cfg.center,
             node_up: octopus_transfer::limit::Limiter::new(cfg.limit_up),
             node_down: octopus_transfer::limit::Limiter::new(cfg.limit_down),
+            cached: Arc::default(),
         },
         url_key,
         pool_port: pool.as_ref().map_or(0, |p| p.local_addr().port()),
@@ -391,6 +392,16 @@ pub async fn spawn(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     });
     let cancel = CancellationToken::new();
     let runner = tokio::spawn(runner(state.clone(), cancel.clone(), simulate));
+    let announcer = {
+        // Tell the center what the pool serves whenever the cache gains content.
+        let st = state.clone();
+        tokio::spawn(async move {
+            loop {
+                st.fetch.cached.notified().await;
+                st.send(st.holdings());
+            }
+        })
+    };
     let c = cancel.clone();
     let task = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(500);
@@ -419,6 +430,7 @@ pub async fn spawn(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
         runner.abort();
+        announcer.abort();
         if let Some(p) = pool {
             p.shutdown().await;
         }
@@ -616,11 +628,7 @@ async fn runner(state: Arc<State>, cancel: CancellationToken, simulate: bool) {
                         let progress: crate::fetch::OnProgress = Arc::new(move |bytes, total| {
                             st.send(AgentMsg::Progress { task, bytes, total })
                         });
-                        let r = crate::fetch::run(spec, &state.fetch, progress).await;
-                        if r.is_ok() {
-                            state.send(state.holdings());
-                        }
-                        match r {
+                        match crate::fetch::run(spec, &state.fetch, progress).await {
                             Ok(x) => Outcome::Ran(x),
                             Err(e) => Outcome::Error(e),
                         }

@@ -41,6 +41,8 @@ pub struct FetchCtx {
     /// This agent's limits, shared by all its transfers (agent config).
     pub node_up: Limiter,
     pub node_down: Limiter,
+    /// Notified when content was added to the cache (the pool's holdings changed).
+    pub cached: Arc<tokio::sync::Notify>,
 }
 
 /// Called with (bytes in place, total bytes) about once a second.
@@ -182,13 +184,15 @@ async fn swarm_fetch(
     let files: Vec<(PathBuf, String)> =
         out.files.iter().map(|(p, m)| (p.clone(), hex(m))).collect();
     if let Some(cache) = &ctx.cache {
-        let (cache, f2) = (cache.clone(), files.clone());
-        let _ = tokio::task::spawn_blocking(move || {
+        // In the background: the copy is done and reported now; caching a big file
+        // costs a copy and a hash pass that the user should not wait for.
+        let (cache, f2, cached) = (cache.clone(), files.clone(), ctx.cached.clone());
+        tokio::task::spawn_blocking(move || {
             for (path, md5) in f2 {
                 keep_in_cache(&cache, &path, &md5);
             }
-        })
-        .await;
+            cached.notify_one();
+        });
     }
     // Keep serving the other agents of this copy for a while, in the background.
     let linger = Duration::from_millis(spec.linger_ms);
@@ -212,9 +216,17 @@ fn keep_in_cache(cache: &ContentCache, path: &Path, md5: &str) {
     }
     let staged = cache
         .staging_dir()
-        .join(format!("{md5}.{}", std::process::id()));
-    let res = std::fs::copy(path, &staged)
+        .join(format!("{md5}.{:016x}", rand::random::<u64>()));
+    // Checked again after the copy: the destination is the user's, and may have been
+    // changed since it was verified.
+    let res = std::fs::create_dir_all(cache.staging_dir())
+        .and_then(|_| std::fs::copy(path, &staged))
         .map_err(|e| e.to_string())
+        .and_then(|_| match file_md5(&staged) {
+            Ok(m) if m == md5 => Ok(()),
+            Ok(_) => Err("the destination changed before it was cached".into()),
+            Err(e) => Err(e.to_string()),
+        })
         .and_then(|_| cache.insert(md5, &staged).map_err(|e| e.to_string()));
     if let Err(e) = res {
         let _ = std::fs::remove_file(&staged);
@@ -295,7 +307,7 @@ fn pool_fetch(
             std::fs::create_dir_all(c.staging_dir())
                 .map_err(|e| format!("creating the staging area: {e}"))?;
             c.staging_dir()
-                .join(format!("{}.{}", pf.md5, std::process::id()))
+                .join(format!("{}.{:016x}", pf.md5, rand::random::<u64>()))
         }
         None => temp_beside(&target),
     };
@@ -310,7 +322,10 @@ fn pool_fetch(
                 .insert(&pf.md5, &staged)
                 .map_err(|e| format!("caching the download: {e}"));
             match obj {
-                Ok(obj) => place(&obj, &target, pf.mode)?,
+                Ok(obj) => {
+                    ctx.cached.notify_one();
+                    place(&obj, &target, pf.mode)?
+                }
                 Err(e) => {
                     tracing::info!("{e}; writing the download straight to its destination");
                     place(&staged, &target, pf.mode)?;

@@ -1,6 +1,5 @@
 //! The HTTP pool: every agent serves its content cache over plain HTTP, for hot and
 //! small files that are cheaper to fetch whole from a nearby agent than to swarm.
-//! (Issue 4; the center's redirect and the wiring into `octo cp` are still to come.)
 //!
 //! Why it is shaped like this:
 //!

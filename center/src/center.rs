@@ -663,6 +663,7 @@ async fn serve_ctl(inner: Arc<Inner>, conn: Connection, cancel: CancellationToke
             }
             Ok(Ok(Some(m))) => m,
             Ok(Ok(None)) => break,
+            Ok(Err(_)) if cancel.is_cancelled() => break,
             Ok(Err(e)) => {
                 warn!(%host, "closing control connection: {e}");
                 conn.close(VarInt::from_u32(code::PROTOCOL), b"bad message");

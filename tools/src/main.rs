@@ -19,6 +19,7 @@ use octopus_transfer::ticket::Ticket;
 use serde_json::json;
 
 mod ctl;
+mod demo;
 mod load;
 mod swarm_bench;
 
@@ -75,11 +76,18 @@ enum Cmd {
         ticket: String,
         dest: PathBuf,
     },
-    /// Local demo on embedded defaults: share a generated file and fetch it over real QUIC.
+    /// The main job on embedded defaults: a center and local agents, then `octo cp` of a
+    /// generated file to all of them, with progress, and its MD5 checked on every host.
     Demo {
         /// Size of the generated file.
         #[arg(long, default_value = "256MiB", value_parser = parse_rate_arg)]
         size: u64,
+        /// How many local agents.
+        #[arg(long, default_value_t = 3)]
+        agents: usize,
+        /// Only the transfer engine: share the file and fetch it once over QUIC.
+        #[arg(long)]
+        engine: bool,
         #[arg(long)]
         json: bool,
     },
@@ -243,7 +251,18 @@ fn main() -> ExitCode {
                 ticket,
                 dest,
             } => get(listen, limit_up, limit_down, linger, json, ticket, dest).await,
-            Cmd::Demo { size, json } => demo(size, json).await,
+            Cmd::Demo {
+                size,
+                agents,
+                engine: false,
+                json,
+            } => demo::run(size, agents, json).await,
+            Cmd::Demo {
+                size,
+                engine: true,
+                json,
+                ..
+            } => demo(size, json).await,
             Cmd::SwarmBench(args) => swarm_bench::run(args).await,
             Cmd::Load(args) => load::run(args).await,
             Cmd::Center {
@@ -454,6 +473,28 @@ fn progress_bar(h: &NodeHandle) -> (indicatif::ProgressBar, tokio::task::JoinHan
     (bar, task)
 }
 
+/// Writes `size` pseudo-random bytes to `file`.
+fn generate_file(file: &std::path::Path, size: u64) -> Result<()> {
+    let mut f =
+        std::io::BufWriter::new(std::fs::File::create(file).context("creating the demo file")?);
+    let mut x: u64 = 0x9e3779b97f4a7c15 ^ size;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        for c in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n]).context("writing the demo file")?;
+        left -= n as u64;
+    }
+    f.flush().context("writing the demo file")
+}
+
+/// `octo demo --engine`: the transfer engine alone, one share and one get.
 async fn demo(size: u64, json: bool) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("octo-demo-{}", std::process::id()));
     let src = dir.join("src");
@@ -461,26 +502,7 @@ async fn demo(size: u64, json: bool) -> Result<()> {
     std::fs::create_dir_all(&src).with_context(|| format!("creating {}", src.display()))?;
     std::fs::create_dir_all(&dst).with_context(|| format!("creating {}", dst.display()))?;
     let file = src.join("release.tar");
-    {
-        let mut f = std::io::BufWriter::new(
-            std::fs::File::create(&file).context("creating the demo file")?,
-        );
-        let mut x: u64 = 0x9e3779b97f4a7c15;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut left = size;
-        while left > 0 {
-            for c in buf.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-            }
-            let n = left.min(buf.len() as u64) as usize;
-            f.write_all(&buf[..n]).context("writing the demo file")?;
-            left -= n as u64;
-        }
-        f.flush().context("writing the demo file")?;
-    }
+    generate_file(&file, size)?;
     let t = Instant::now();
     let sharer = node::share(
         NodeConfig::default(),
