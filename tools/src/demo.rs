@@ -190,7 +190,7 @@ async fn run_in(dir: &Path, size: u64, n: usize, json_out: bool) -> Result<()> {
     ));
 
     let src = dir.join("release.tar");
-    crate::generate_file(&src, size)?;
+    crate::generate_file(&src, size, 0x9e37_79b9_7f4a_7c15 ^ size)?;
     let want = octopus_transfer::manifest::hex(
         &octopus_transfer::manifest::md5_file(&src).context("hashing the demo file")?,
     );

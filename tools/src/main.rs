@@ -473,11 +473,10 @@ fn progress_bar(h: &NodeHandle) -> (indicatif::ProgressBar, tokio::task::JoinHan
     (bar, task)
 }
 
-/// Writes `size` pseudo-random bytes to `file`.
-fn generate_file(file: &std::path::Path, size: u64) -> Result<()> {
-    let mut f =
-        std::io::BufWriter::new(std::fs::File::create(file).context("creating the demo file")?);
-    let mut x: u64 = 0x9e3779b97f4a7c15 ^ size;
+/// Writes `size` pseudo-random bytes (xorshift from `seed`) to `file`.
+fn generate_file(file: &std::path::Path, size: u64, seed: u64) -> Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(file).context("creating the file")?);
+    let mut x: u64 = seed | 1;
     let mut buf = vec![0u8; 1 << 20];
     let mut left = size;
     while left > 0 {
@@ -488,10 +487,10 @@ fn generate_file(file: &std::path::Path, size: u64) -> Result<()> {
             c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
         }
         let n = left.min(buf.len() as u64) as usize;
-        f.write_all(&buf[..n]).context("writing the demo file")?;
+        f.write_all(&buf[..n]).context("writing the file")?;
         left -= n as u64;
     }
-    f.flush().context("writing the demo file")
+    f.flush().context("writing the file")
 }
 
 /// `octo demo --engine`: the transfer engine alone, one share and one get.
@@ -502,7 +501,7 @@ async fn demo(size: u64, json: bool) -> Result<()> {
     std::fs::create_dir_all(&src).with_context(|| format!("creating {}", src.display()))?;
     std::fs::create_dir_all(&dst).with_context(|| format!("creating {}", dst.display()))?;
     let file = src.join("release.tar");
-    generate_file(&file, size)?;
+    generate_file(&file, size, 0x9e37_79b9_7f4a_7c15)?;
     let t = Instant::now();
     let sharer = node::share(
         NodeConfig::default(),

@@ -33,7 +33,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -372,29 +372,11 @@ impl Drop for Procs {
 }
 
 fn write_random_file(path: &Path, size: u64) -> Result<()> {
-    let mut f = std::io::BufWriter::new(
-        fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-    );
     // A seed from the clock: every run shares fresh content.
-    let mut x: u64 = std::time::SystemTime::now()
+    let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0x9e37_79b9_7f4a_7c15, |d| d.as_nanos() as u64)
-        | 1;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        for c in buf.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-        }
-        let n = left.min(buf.len() as u64) as usize;
-        f.write_all(&buf[..n]).context("writing the content")?;
-        left -= n as u64;
-    }
-    f.flush().context("writing the content")?;
-    Ok(())
+        .map_or(0x9e37_79b9_7f4a_7c15, |d| d.as_nanos() as u64);
+    crate::generate_file(path, size, seed).with_context(|| format!("writing {}", path.display()))
 }
 
 // ----- the bench ---------------------------------------------------------------------
