@@ -21,6 +21,7 @@ use serde_json::json;
 mod ctl;
 mod demo;
 mod load;
+mod managed_bench;
 mod swarm_bench;
 
 const RATE_HELP: &str = "RATE is bytes per second unless its unit ends in `bit`: \

@@ -46,7 +46,7 @@ use octopus_transfer::limit::parse_rate;
 use octopus_transfer::manifest::{hex, md5_file};
 use serde_json::{json, Value};
 
-const BRIDGE: &str = "octobr0";
+pub(crate) const BRIDGE: &str = "octobr0";
 const NS_PREFIX: &str = "octo-h";
 const PORT: u16 = 7000;
 /// The targets for 16 peers on 100 Mbit links.
@@ -80,6 +80,10 @@ pub struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Managed mode: a center and `--hosts` agents in the namespaces, and `octo cp`
+    /// from the source host to all of them (then the same copy again).
+    #[arg(long)]
+    pub managed: bool,
 }
 
 fn parse_rate_arg(s: &str) -> Result<u64, String> {
@@ -105,23 +109,23 @@ pub async fn run(args: Args) -> Result<()> {
 
 // ----- topology ----------------------------------------------------------------------
 
-fn ns(i: u32) -> String {
+pub(crate) fn ns(i: u32) -> String {
     format!("{NS_PREFIX}{i}")
 }
 /// The bridge-side end of host `i`'s veth pair (in the root namespace).
-fn veth_br(i: u32) -> String {
+pub(crate) fn veth_br(i: u32) -> String {
     format!("octo-v{i}")
 }
 /// The host-side end of host `i`'s veth pair (inside its namespace).
 fn veth_host(i: u32) -> String {
     format!("octo-p{i}")
 }
-fn ip_of(i: u32) -> String {
+pub(crate) fn ip_of(i: u32) -> String {
     format!("10.77.0.{}", i + 1)
 }
 
 /// Runs a command to completion; an error carries its stderr.
-fn sh(prog: &str, args: &[&str]) -> Result<String> {
+pub(crate) fn sh(prog: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(prog)
         .args(args)
         .stdin(Stdio::null())
@@ -156,7 +160,7 @@ fn cleanup_topology() {
 }
 
 /// Tears the topology down when dropped, unless `--keep`.
-struct Topology {
+pub(crate) struct Topology {
     keep: bool,
 }
 
@@ -183,7 +187,7 @@ fn tbf(dev: &str, netns: Option<&str>, rate: u64) -> Result<()> {
     sh(prog, &args).map(drop)
 }
 
-fn build_topology(hosts: u32, rate: u64, keep: bool) -> Result<Topology> {
+pub(crate) fn build_topology(hosts: u32, rate: u64, keep: bool) -> Result<Topology> {
     cleanup_topology();
     let topo = Topology { keep };
     sh("ip", &["link", "add", BRIDGE, "type", "bridge"])?;
@@ -218,7 +222,7 @@ fn build_topology(hosts: u32, rate: u64, keep: bool) -> Result<Topology> {
 }
 
 /// Bytes counter of an interface in the root namespace (the bridge-side veths).
-fn counter(dev: &str, which: &str) -> u64 {
+pub(crate) fn counter(dev: &str, which: &str) -> u64 {
     fs::read_to_string(format!("/sys/class/net/{dev}/statistics/{which}"))
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -226,7 +230,7 @@ fn counter(dev: &str, which: &str) -> u64 {
 }
 
 /// The sharer's transmitted bytes, read inside its namespace.
-fn sharer_tx_bytes() -> Result<u64> {
+pub(crate) fn sharer_tx_bytes() -> Result<u64> {
     let path = format!("/sys/class/net/{}/statistics/tx_bytes", veth_host(0));
     let out = sh("ip", &["netns", "exec", &ns(0), "cat", &path])?;
     out.trim()
@@ -237,7 +241,7 @@ fn sharer_tx_bytes() -> Result<u64> {
 /// Jiffies of all CPUs from /proc/stat: user (with nice), system, interrupts (hard
 /// and soft: mostly the veth/bridge/tbf packet path) and the total.
 #[derive(Debug, Clone, Copy, Default)]
-struct CpuTimes {
+pub(crate) struct CpuTimes {
     user: u64,
     system: u64,
     irq: u64,
@@ -245,7 +249,7 @@ struct CpuTimes {
 }
 
 impl CpuTimes {
-    fn now() -> CpuTimes {
+    pub(crate) fn now() -> CpuTimes {
         let s = fs::read_to_string("/proc/stat").unwrap_or_default();
         let v: Vec<u64> = s
             .lines()
@@ -266,7 +270,7 @@ impl CpuTimes {
 
     /// Fractions of the total CPU capacity spent in user, system and interrupt mode
     /// between `self` and `later`.
-    fn shares(self, later: CpuTimes) -> (f64, f64, f64) {
+    pub(crate) fn shares(self, later: CpuTimes) -> (f64, f64, f64) {
         let t = later.total.saturating_sub(self.total).max(1) as f64;
         let d = |a: u64, b: u64| b.saturating_sub(a) as f64 / t;
         (
@@ -291,15 +295,15 @@ fn proc_cpu_secs(pid: u32) -> Option<f64> {
 
 // ----- processes ---------------------------------------------------------------------
 
-enum Line {
+pub(crate) enum Line {
     Out(u32, Instant, String),
     Eof(u32),
 }
 
 /// A child `octo` in a namespace. `ip netns exec` execs the command, so the pid is
 /// octo's own and signals reach it directly.
-struct Proc {
-    child: Child,
+pub(crate) struct Proc {
+    pub(crate) child: Child,
 }
 
 impl Proc {
@@ -311,11 +315,24 @@ impl Proc {
         filter: Option<&str>,
         tx: &mpsc::Sender<Line>,
     ) -> Result<Proc> {
+        let mut argv = vec![octo.display().to_string()];
+        argv.extend(args.iter().cloned());
+        Proc::spawn_in(host, host, &argv, log, filter, tx)
+    }
+
+    /// Runs `argv` in host `ns_host`'s namespace; its lines are labelled `host`.
+    pub(crate) fn spawn_in(
+        host: u32,
+        ns_host: u32,
+        argv: &[String],
+        log: &Path,
+        filter: Option<&str>,
+        tx: &mpsc::Sender<Line>,
+    ) -> Result<Proc> {
         let err = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &ns(host)])
-            .arg(octo)
-            .args(args)
+        cmd.args(["netns", "exec", &ns(ns_host)])
+            .args(argv)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(err);
@@ -341,7 +358,7 @@ impl Proc {
 }
 
 /// SIGTERM to all, up to 5 s of grace, then SIGKILL to the rest.
-fn kill_all(procs: &mut [Proc]) {
+pub(crate) fn kill_all(procs: &mut [Proc]) {
     for p in procs.iter_mut() {
         if matches!(p.child.try_wait(), Ok(None)) {
             if let Ok(pid) = i32::try_from(p.child.id()) {
@@ -363,7 +380,7 @@ fn kill_all(procs: &mut [Proc]) {
 }
 
 /// Kills the children when dropped (on every exit path, errors included).
-struct Procs(Vec<Proc>);
+pub(crate) struct Procs(pub(crate) Vec<Proc>);
 
 impl Drop for Procs {
     fn drop(&mut self) {
@@ -371,7 +388,7 @@ impl Drop for Procs {
     }
 }
 
-fn write_random_file(path: &Path, size: u64) -> Result<()> {
+pub(crate) fn write_random_file(path: &Path, size: u64) -> Result<()> {
     // A seed from the clock: every run shares fresh content.
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -402,7 +419,11 @@ fn bench(args: Args, stop: &AtomicBool) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("octo-swarm-{}", std::process::id()));
     let logs = dir.join("logs");
     fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    let res = bench_in(&args, &octo, &dir, stop);
+    let res = if args.managed {
+        crate::managed_bench::bench_managed(&args, &octo, &dir, stop)
+    } else {
+        bench_in(&args, &octo, &dir, stop)
+    };
     let failed = !matches!(res, Ok(true));
     if !args.keep {
         // The content copies are large; the logs are kept when something failed.
