@@ -1059,6 +1059,20 @@ fn cp_small_files_go_through_the_pool_and_async_copies_outlive_the_cli_and_the_c
         &format!("md5sum {}/rel/release.bin", view.display()),
     ]);
     assert_eq!(out.matches(&big_md5).count(), 3, "{out}");
+
+    // A source on a host (HOST:/path): node-1 seeds from its own file system.
+    let from = format!("node-1:{}/rel/release.bin", view.display());
+    let to = format!("node-2,node-3:{}/from-node-1/", view.display());
+    let (code, out, err) = f.octo(&["cp", "--json", "--mkdir", &from, &to]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let s = summary(&out);
+    assert_eq!(s["ok"], 2, "{s}");
+    for h in s["task"]["hosts"].as_array().unwrap() {
+        assert_eq!(h["md5"][0], big_md5.as_str(), "{h}");
+    }
+    let (code, _, err) = f.octo(&["cp", "node-1:/tmp/../etc/passwd", &to]);
+    assert_ne!(code, 0);
+    assert!(err.contains(".."), "{err}");
 }
 
 /// An agent's cache stays within its quota, least recently used content going first.

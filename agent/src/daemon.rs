@@ -530,10 +530,11 @@ fn on_center_msg(state: &Arc<State>, tx: &mpsc::UnboundedSender<AgentMsg>, m: Ce
             if j.started.contains(&task)
                 && j.result(task).is_none()
                 && !busy
-                && matches!(body, TaskBody::Fetch(_))
+                && matches!(body, TaskBody::Fetch(_) | TaskBody::Seed(_))
             {
                 // A fetch cut short by a crash is safe to run again, and resumes from
-                // its verified pieces: only commands are held to at most once.
+                // its verified pieces; a seed is idempotent. Only commands are held to
+                // at most once.
                 drop(j);
                 let _ = tx.send(AgentMsg::Ack { task });
                 state.queue.lock().unwrap().push_back((task, body));
@@ -622,6 +623,10 @@ async fn runner(state: Arc<State>, cancel: CancellationToken, simulate: bool) {
                     TaskBody::Exec(spec) => match exec::run(spec, on_output).await {
                         Ok(x) => Outcome::Ran(x),
                         Err(e) => Outcome::Error(e.to_string()),
+                    },
+                    TaskBody::Seed(spec) => match crate::fetch::seed(spec, &state.fetch).await {
+                        Ok(x) => Outcome::Ran(x),
+                        Err(e) => Outcome::Error(e),
                     },
                     TaskBody::Fetch(spec) => {
                         let st = state.clone();

@@ -138,6 +138,51 @@ pub async fn run(
     })
 }
 
+/// Seeds `spec.paths` (absolute, checked like destinations) for `spec.hold_ms` in the
+/// background. The result's stdout: the ticket, then the total size.
+pub async fn seed(spec: &crate::proto::SeedSpec, ctx: &FetchCtx) -> Result<ExecResult, String> {
+    let started = Instant::now();
+    if spec.paths.is_empty() {
+        return Err("nothing to seed".into());
+    }
+    let mut roots = Vec::new();
+    for p in &spec.paths {
+        let path = check_dest(p)?;
+        std::fs::symlink_metadata(&path).map_err(|e| format!("reading {p}: {e}"))?;
+        roots.push(path);
+    }
+    let cfg = NodeConfig {
+        listen: "0.0.0.0:0".parse().expect("valid"),
+        limit_up: spec.limit_up,
+        node_up: ctx.node_up.clone(),
+        node_down: ctx.node_down.clone(),
+        ..Default::default()
+    };
+    let h = node::share(
+        cfg,
+        roots,
+        octopus_transfer::manifest::BuildOptions::default(),
+    )
+    .await
+    .map_err(|e| format!("seeding: {e}"))?;
+    let stdout = format!("{}\n{}\n", h.ticket().encode(), h.manifest().total_size());
+    let hold = Duration::from_millis(spec.hold_ms);
+    tokio::spawn(async move {
+        tokio::time::sleep(hold).await;
+        h.shutdown().await;
+    });
+    Ok(ExecResult {
+        exit_code: Some(0),
+        signal: None,
+        timed_out: false,
+        stdout: stdout.into_bytes(),
+        stderr: Vec::new(),
+        stdout_truncated: false,
+        stderr_truncated: false,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
 /// The swarm path: the transfer engine writes into `dest`, then every file is copied
 /// into the cache.
 async fn swarm_fetch(

@@ -70,6 +70,17 @@ pub enum EnrollResponse {
 pub enum TaskBody {
     Exec(ExecSpec),
     Fetch(Box<FetchSpec>),
+    /// Seed paths of this host over the transfer engine (`octo cp HOST:/path ...`).
+    Seed(SeedSpec),
+}
+
+/// Share `paths` of this host for `hold_ms`; the result's stdout is the ticket on the
+/// first line and the total size on the second.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeedSpec {
+    pub paths: Vec<String>,
+    pub hold_ms: u64,
+    pub limit_up: Option<u64>,
 }
 
 /// Fetch content over the transfer engine into `dest` (`octo cp`).

@@ -433,6 +433,12 @@ struct NewTask {
     /// Uploaded files the center seeds over the transfer engine (`cp --async`).
     #[serde(default)]
     upload: Option<Vec<crate::content::UploadedFile>>,
+    /// For kind "seed" (`octo cp HOST:/path`): absolute paths on the one target host.
+    #[serde(default)]
+    paths: Vec<String>,
+    /// For kind "seed": how long the host keeps seeding (default: the TTL).
+    #[serde(default)]
+    hold_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -541,13 +547,49 @@ async fn create_task(
             Json(json!({ "id": rec.id, "hosts": rec.hosts })),
         ));
     }
+    if t.kind.as_deref() == Some("seed") {
+        center::validate_host_name(&t.target).map_err(|e| {
+            ApiError::bad_request(format!("a seed runs on one host, named exactly: {e}"))
+        })?;
+        if t.paths.is_empty() {
+            return Err(ApiError::bad_request("a seed needs paths"));
+        }
+        for p in &t.paths {
+            if !p.starts_with('/') || p.split('/').any(|c| c == ".." || c == ".") {
+                return Err(ApiError::bad_request(format!(
+                    "seed path {p:?} must be absolute, without '.' or '..'"
+                )));
+            }
+        }
+        let spec = octopus_agent::proto::SeedSpec {
+            paths: t.paths.clone(),
+            hold_ms: t.hold_ms.unwrap_or(ttl.as_millis() as u64),
+            limit_up: t.limit_up,
+        };
+        let rec = center::create_task(
+            &inner,
+            &caller.token_id,
+            center::TaskRequest {
+                target: t.target,
+                body: TaskBody::Seed(spec),
+                summary: format!("seed {}", t.paths.join(" ")),
+                ttl,
+                batch,
+                max_failures: t.max_failures,
+            },
+        )?;
+        return Ok((
+            StatusCode::CREATED,
+            Json(json!({ "id": rec.id, "hosts": rec.hosts })),
+        ));
+    }
     let kind = match t.kind.as_deref().unwrap_or("shell") {
         "shell" => ExecKind::Shell,
         "python" => ExecKind::Python,
         "jar" => ExecKind::Jar,
         k => {
             return Err(ApiError::bad_request(format!(
-                "unknown kind {k:?}: use shell, python, jar or fetch"
+                "unknown kind {k:?}: use shell, python, jar, fetch or seed"
             )))
         }
     };

@@ -922,8 +922,9 @@ pub async fn cp(conn: Conn, a: CpArgs) -> Result<bool> {
     let (target, dest) = to[0]
         .split_once(':')
         .with_context(|| format!("reading {:?}: the last argument must be TARGET:DEST", to[0]))?;
+    let remote = remote_sources(srcs)?;
     let mut roots = Vec::new();
-    for s in srcs {
+    for s in srcs.iter().filter(|_| remote.is_none()) {
         let p = PathBuf::from(s);
         let m = std::fs::metadata(&p).with_context(|| format!("reading the source {s}"))?;
         if m.is_dir() && !a.recursive {
@@ -931,17 +932,19 @@ pub async fn cp(conn: Conn, a: CpArgs) -> Result<bool> {
         }
         roots.push(p);
     }
-    let dest = if roots.len() > 1 && !dest.ends_with('/') {
-        format!("{dest}/")
-    } else {
-        dest.to_string()
-    };
+    let dest = dest.to_string();
     let mode = match &a.mode {
         Some(m) => Some(
             u32::from_str_radix(m.trim_start_matches("0o"), 8)
                 .with_context(|| format!("reading --mode {m:?}: expected octal like 0644"))?,
         ),
         None => None,
+    };
+    let roots_len = roots.len() + remote.as_ref().map_or(0, |r| r.1.len());
+    let dest = if roots_len > 1 && !dest.ends_with('/') {
+        format!("{dest}/")
+    } else {
+        dest
     };
     let single = match roots.as_slice() {
         [one] => std::fs::metadata(one).ok().filter(|m| m.is_file()),
@@ -956,7 +959,17 @@ pub async fn cp(conn: Conn, a: CpArgs) -> Result<bool> {
     let json_out = a.json;
     let mut seed = None;
     let total;
-    if pool_mode || a.async_ {
+    if let Some((host, paths)) = remote {
+        // The source host seeds (for the TTL, so an --async copy outlives us).
+        let c = Client::new(&conn)?;
+        let (ticket, size) = tokio::task::spawn_blocking(move || {
+            seed_on_host(&c, &host, &paths, a.ttl, a.limit_up, json_out)
+        })
+        .await
+        .context("joining the API client")??;
+        body["ticket"] = json!(ticket);
+        total = size;
+    } else if pool_mode || a.async_ {
         let conn2 = conn.clone();
         let (files, t) =
             tokio::task::spawn_blocking(move || upload_sources(&conn2, &roots, json_out))
@@ -1022,6 +1035,77 @@ pub async fn cp(conn: Conn, a: CpArgs) -> Result<bool> {
         s.shutdown().await;
     }
     res
+}
+
+/// `HOST:/path` sources (all on one host), or `None` when the sources are local. A
+/// source is remote when it has a `:` and no local file has that name.
+fn remote_sources(srcs: &[String]) -> Result<Option<(String, Vec<String>)>> {
+    let mut host: Option<String> = None;
+    let mut paths = Vec::new();
+    for s in srcs {
+        let remote = match s.split_once(':') {
+            Some((h, p)) if !Path::new(s).exists() && !h.is_empty() && p.starts_with('/') => {
+                Some((h, p))
+            }
+            _ => None,
+        };
+        match (remote, &host) {
+            (Some((h, p)), None) if paths.is_empty() => {
+                host = Some(h.to_string());
+                paths.push(p.to_string());
+            }
+            (Some((h, p)), Some(prev)) if h == prev => paths.push(p.to_string()),
+            (None, None) => {}
+            _ => bail!("the sources must all be local, or all on one host (HOST:/path)"),
+        }
+    }
+    Ok(host.map(|h| (h, paths)))
+}
+
+/// Asks `host` to seed `paths` and waits for its ticket and the content's size.
+fn seed_on_host(
+    c: &Client,
+    host: &str,
+    paths: &[String],
+    ttl: Duration,
+    limit_up: Option<u64>,
+    json_out: bool,
+) -> Result<(String, u64)> {
+    let created = c.post(
+        &format!("asking {host} to seed"),
+        "/tasks",
+        &json!({"target": host, "kind": "seed", "paths": paths, "ttl_ms": ttl.as_millis() as u64,
+                "limit_up": limit_up}),
+    )?;
+    let id = created["id"]
+        .as_u64()
+        .context("the center gave no task id")?;
+    if !json_out {
+        eprintln!("task {id}: {host} hashes and seeds {}", paths.join(" "));
+    }
+    let deadline = Instant::now() + ttl;
+    loop {
+        let t = c.get("reading the seed task", &format!("/tasks/{id}"))?;
+        let h = &t["hosts"][0];
+        match h["state"].as_str().unwrap_or("") {
+            "ok" => {
+                let out = h["stdout"].as_str().unwrap_or("");
+                let mut lines = out.lines();
+                let ticket = lines.next().context("the seed gave no ticket")?.to_string();
+                let size = lines
+                    .next()
+                    .and_then(|l| l.trim().parse().ok())
+                    .context("the seed gave no size")?;
+                return Ok((ticket, size));
+            }
+            "failed" | "lost" | "expired" | "cancelled" | "timed-out" => {
+                let why = h["error"].as_str().unwrap_or("no reason given");
+                bail!("{host} could not seed {}: {why}", paths.join(" "));
+            }
+            _ if Instant::now() > deadline => bail!("{host} did not seed within {ttl:?}"),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
 }
 
 /// One uploaded file: (path under the copy's root, MD5, mode).
