@@ -198,6 +198,7 @@ async fn swarm_fetch(
         limit_down: spec.limit_down,
         node_up: ctx.node_up.clone(),
         node_down: ctx.node_down.clone(),
+        tags: spec.tags.clone(),
         ..Default::default()
     };
     let h = node::get(cfg, ticket, dest)

@@ -110,6 +110,9 @@ pub struct FetchSpec {
     pub seed: Option<String>,
     /// Total bytes of the content, for progress before the manifest arrives.
     pub size: u64,
+    /// This host's locality tags (`idc=..`, `rack=..`), filled in by the center at
+    /// delivery: the tracker hands the agent peers that share them first.
+    pub tags: Vec<String>,
 }
 
 /// One file the pool serves, by content.

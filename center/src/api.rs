@@ -487,6 +487,7 @@ async fn create_task(
             pool: None,
             seed: None,
             size: t.size,
+            tags: Vec::new(),
         };
         match (t.ticket, t.pool, t.upload) {
             (Some(ticket), None, None) => spec.ticket = ticket,

@@ -741,6 +741,7 @@ fn pump_queue(
             if let Some(pf) = &mut spec.pool {
                 pf.query = inner.content.sign(&pf.md5);
             }
+            spec.tags = locality_tags(inner, host);
         }
         sent.insert(task);
         let _ = tx.send(CenterMsg::Task {
@@ -771,6 +772,21 @@ pub(crate) fn task_body(inner: &Inner, task: u64) -> Option<Arc<(TaskBody, u64)>
     }
     cache.insert(task, entry.clone());
     Some(entry)
+}
+
+/// Tag keys that say where a host is, most specific last; peers sharing more of them
+/// are preferred as sources in a copy.
+pub const LOCALITY_KEYS: &[&str] = &["region", "idc", "rack"];
+
+/// `key=value` for each of the host's locality tags.
+fn locality_tags(inner: &Inner, host: &str) -> Vec<String> {
+    match inner.store.get_host(host) {
+        Ok(Some(h)) => LOCALITY_KEYS
+            .iter()
+            .filter_map(|k| h.tags.get(*k).map(|v| format!("{k}={v}")))
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Whether a task is still running (unknown ones are not).

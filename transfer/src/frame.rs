@@ -26,6 +26,9 @@ pub const MAX_FRAME: usize = 1 << 20;
 pub const MAX_MANIFEST_FRAME: usize = 64 << 20;
 /// Most peers a tracker hands back in one answer.
 pub const MAX_PEERS_PER_ANSWER: usize = 50;
+/// Most locality tags in one announce, and the longest tag.
+pub const MAX_TAGS: usize = 8;
+pub const MAX_TAG_LEN: usize = 128;
 
 /// QUIC application error codes used when closing a connection or stream.
 pub mod code {
@@ -60,8 +63,12 @@ pub enum Frame {
     /// The encoded manifest; the receiver checks its MD5 against the content id.
     Manifest(Vec<u8>),
     /// Tell the tracker we are in the swarm; extra addresses we listen on besides the
-    /// one the tracker observes.
-    Announce { addrs: Vec<SocketAddr> },
+    /// one the tracker observes, and our locality tags (`idc=bj1`, `rack=r3`): the
+    /// tracker prefers peers that share them.
+    Announce {
+        addrs: Vec<SocketAddr>,
+        tags: Vec<String>,
+    },
     /// A bounded random subset of the swarm.
     Peers(Vec<PeerRecord>),
     /// A swarm control message for the sans-IO core.
@@ -133,6 +140,16 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
             )));
         }
     }
+    if let Frame::Announce { addrs, tags } = &frame {
+        if addrs.len() > MAX_PEERS_PER_ANSWER
+            || tags.len() > MAX_TAGS
+            || tags.iter().any(|t| t.len() > MAX_TAG_LEN)
+        {
+            return Err(FrameError::Malformed(
+                "an announce with too many addresses or tags".into(),
+            ));
+        }
+    }
     Ok(frame)
 }
 
@@ -187,6 +204,7 @@ mod tests {
             Frame::Manifest(vec![1, 2, 3]),
             Frame::Announce {
                 addrs: vec!["10.0.0.1:4000".parse().unwrap()],
+                tags: vec!["idc=bj1".into()],
             },
             Frame::Peers(vec![PeerRecord {
                 addr: "[::1]:9".parse().unwrap(),

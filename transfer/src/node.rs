@@ -21,7 +21,6 @@ use bytes::Bytes;
 use md5::{Digest, Md5};
 use octopus_swarm::{Bitfield, DisconnectReason, Event, PeerId, Swarm, Transmit};
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
-use rand::seq::IndexedRandom;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -81,6 +80,9 @@ pub struct NodeConfig {
     pub identity: Option<Identity>,
     /// Fault injection for tests of the real binary; never set in production.
     pub fault: Option<Fault>,
+    /// Locality tags (`idc=bj1`, `rack=r3`) a getter announces; the tracker hands it
+    /// peers sharing the most of them first.
+    pub tags: Vec<String>,
 }
 
 /// Deliberate misbehaviour, so tests can run a bad peer as a real process.
@@ -113,6 +115,7 @@ impl Default for NodeConfig {
             max_peers: 32,
             identity: None,
             fault: None,
+            tags: Vec::new(),
         }
     }
 }
@@ -189,6 +192,26 @@ impl NodeHandle {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
+}
+
+/// The tracker's answer: a bounded random subset of `candidates`, those sharing the
+/// most locality tags with `tags` first (same rack and data center, then same data
+/// center, then the rest), random within each level so load spreads.
+pub fn pick_peers<R: rand::Rng>(
+    tags: &[String],
+    candidates: Vec<(PeerRecord, &[String])>,
+    max: usize,
+    rng: &mut R,
+) -> Vec<PeerRecord> {
+    let mut scored: Vec<(usize, u64, PeerRecord)> = candidates
+        .into_iter()
+        .map(|(rec, t)| {
+            let shared = t.iter().filter(|x| tags.contains(x)).count();
+            (shared, rng.random::<u64>(), rec)
+        })
+        .collect();
+    scored.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    scored.into_iter().take(max).map(|(_, _, r)| r).collect()
 }
 
 /// Share `roots`: hash them into a manifest, serve them and act as the tracker.
@@ -441,8 +464,10 @@ struct Driver {
     by_fp: HashMap<Fingerprint, PeerId>,
     dialing: HashSet<Fingerprint>,
     next_id: PeerId,
-    /// Seed only: the tracker's view of the swarm.
-    tracker: HashMap<Fingerprint, SocketAddr>,
+    /// Seed only: the tracker's view of the swarm, with each peer's locality tags.
+    tracker: HashMap<Fingerprint, (SocketAddr, Vec<String>)>,
+    /// Getter only: the tags it announces.
+    tags: Vec<String>,
     /// Getter only: the sharer, which is also the tracker.
     tracker_fp: Option<Fingerprint>,
     writing: HashSet<u32>,
@@ -537,6 +562,7 @@ fn start(
         dialing: HashSet::new(),
         next_id: 1,
         tracker: HashMap::new(),
+        tags: cfg.tags.clone(),
         tracker_fp,
         writing: HashSet::new(),
         uploads: HashMap::new(),
@@ -852,7 +878,7 @@ impl Driver {
         let pcancel = self.cancel.child_token();
         self.spawn_peer_tasks(id, conn.clone(), send, recv, crx, pcancel.clone());
         if !dialed {
-            self.tracker.insert(fp, conn.remote_address());
+            self.tracker.insert(fp, (conn.remote_address(), Vec::new()));
         }
         self.peers.insert(
             id,
@@ -868,7 +894,7 @@ impl Driver {
         debug!(peer = %fp, id, dialed, "peer connected");
         self.swarm.handle_peer_connected(Instant::now(), id);
         if Some(fp) == self.tracker_fp {
-            self.send(id, Frame::Announce { addrs: vec![] });
+            self.send(id, self.announce_frame());
         }
     }
 
@@ -946,24 +972,29 @@ impl Driver {
         }
         match frame {
             Frame::Swarm(msg) => self.swarm.handle_message(now, peer, msg),
-            Frame::Announce { addrs: _ } => {
+            Frame::Announce { addrs: _, tags } => {
                 if self.tracker_fp.is_some() {
                     return; // only the sharer tracks in standalone mode
                 }
                 let fp = self.peers[&peer].fp;
-                let others: Vec<PeerRecord> = self
+                if let Some(entry) = self.tracker.get_mut(&fp) {
+                    entry.1 = tags.clone();
+                }
+                let others: Vec<(PeerRecord, &[String])> = self
                     .tracker
                     .iter()
                     .filter(|(f, _)| **f != fp)
-                    .map(|(f, a)| PeerRecord {
-                        addr: *a,
-                        fingerprint: f.0,
+                    .map(|(f, (a, t))| {
+                        (
+                            PeerRecord {
+                                addr: *a,
+                                fingerprint: f.0,
+                            },
+                            t.as_slice(),
+                        )
                     })
                     .collect();
-                let pick: Vec<PeerRecord> = others
-                    .choose_multiple(&mut self.rng, MAX_PEERS_PER_ANSWER)
-                    .cloned()
-                    .collect();
+                let pick = pick_peers(&tags, others, MAX_PEERS_PER_ANSWER, &mut self.rng);
                 self.send(peer, Frame::Peers(pick));
             }
             Frame::Peers(list) => {
@@ -1032,8 +1063,15 @@ impl Driver {
         }
         if let Some(fp) = self.tracker_fp {
             if let Some(&id) = self.by_fp.get(&fp) {
-                self.send(id, Frame::Announce { addrs: vec![] });
+                self.send(id, self.announce_frame());
             }
+        }
+    }
+
+    fn announce_frame(&self) -> Frame {
+        Frame::Announce {
+            addrs: vec![],
+            tags: self.tags.clone(),
         }
     }
 
@@ -1332,3 +1370,54 @@ pub async fn raw_connect(
 }
 
 pub use frame::encode as encode_frame;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn rec(i: u8) -> PeerRecord {
+        PeerRecord {
+            addr: SocketAddr::from(([10, 0, 0, i], 7000)),
+            fingerprint: [i; 32],
+        }
+    }
+
+    #[test]
+    fn the_tracker_prefers_peers_sharing_more_tags_and_stays_bounded() {
+        let t = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let same_rack = t(&["idc=bj1", "rack=r3"]);
+        let same_idc = t(&["idc=bj1", "rack=r9"]);
+        let other = t(&["idc=sh2", "rack=r3x"]);
+        let none: Vec<String> = Vec::new();
+        let mut cands = Vec::new();
+        for i in 0..20u8 {
+            let tags = match i % 4 {
+                0 => &same_rack,
+                1 => &same_idc,
+                2 => &other,
+                _ => &none,
+            };
+            cands.push((rec(i), tags.as_slice()));
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let me = t(&["idc=bj1", "rack=r3"]);
+        let got = pick_peers(&me, cands.clone(), 8, &mut rng);
+        assert_eq!(got.len(), 8);
+        // The 5 same-rack peers come first, then same-idc ones.
+        let first5: HashSet<u8> = got[..5].iter().map(|r| r.fingerprint[0]).collect();
+        assert_eq!(first5, (0..20).filter(|i| i % 4 == 0).collect());
+        assert!(got[5..].iter().all(|r| r.fingerprint[0] % 4 == 1));
+        // Within a level the choice varies, so load spreads.
+        let mut seen = HashSet::new();
+        for seed in 0..20 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let g = pick_peers(&me, cands.clone(), 6, &mut rng);
+            seen.insert(g[5].fingerprint[0]);
+        }
+        assert!(seen.len() > 1, "always the same same-idc peer: {seen:?}");
+        // No tags: a bounded random subset.
+        let g = pick_peers(&[], cands, MAX_PEERS_PER_ANSWER, &mut rng);
+        assert_eq!(g.len(), 20);
+    }
+}
