@@ -4,3 +4,4 @@ pub mod auth;
 pub mod center;
 pub mod store;
 pub mod target;
+pub mod zk;
