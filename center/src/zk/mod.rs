@@ -178,9 +178,10 @@ impl ZkUrl {
         let chroot = if chroot.is_empty() { "/" } else { chroot };
         if chroot != "/" {
             for seg in chroot[1..].split('/') {
-                if seg.is_empty() || seg == "." || seg == ".." || seg.contains(char::is_control)
-                {
-                    return Err(bad("chroot has an empty, '.', '..' or control-character segment"));
+                if seg.is_empty() || seg == "." || seg == ".." || seg.contains(char::is_control) {
+                    return Err(bad(
+                        "chroot has an empty, '.', '..' or control-character segment",
+                    ));
                 }
             }
         }

@@ -705,7 +705,9 @@ impl Consumer {
             let (names, watcher) = match client.list_and_watch_children(&path).await {
                 Ok(x) => x,
                 Err(zk::Error::NoNode) => {
-                    self.queue.ensure_queues(&client, [self.host.as_str()]).await?;
+                    self.queue
+                        .ensure_queues(&client, [self.host.as_str()])
+                        .await?;
                     continue;
                 }
                 Err(e)
@@ -713,9 +715,8 @@ impl Consumer {
                         || matches!(e, zk::Error::SessionExpired | zk::Error::ClientClosed) =>
                 {
                     debug!(host = %self.host, "consumer: {e}; retrying");
-                    let _ =
-                        tokio::time::timeout(Duration::from_millis(250), generation.changed())
-                            .await;
+                    let _ = tokio::time::timeout(Duration::from_millis(250), generation.changed())
+                        .await;
                     continue;
                 }
                 Err(source) => return Err(ZkError::List { path, source }),

@@ -94,7 +94,9 @@ impl Registry {
     pub async fn register_center(&self, id: &str, info: &CenterInfo) -> Result<(), ZkError> {
         check_host(id)?;
         let path = format!("{CENTERS}/{id}");
-        self.session.put_ephemeral(&path, &encode(info)?, true).await
+        self.session
+            .put_ephemeral(&path, &encode(info)?, true)
+            .await
     }
 
     pub async fn unregister_center(&self, id: &str) -> Result<bool, ZkError> {
@@ -109,7 +111,9 @@ impl Registry {
     pub async fn register_agent(&self, host: &str, info: &AgentInfo) -> Result<(), ZkError> {
         check_host(host)?;
         let path = format!("{AGENTS}/{host}");
-        self.session.put_ephemeral(&path, &encode(info)?, true).await
+        self.session
+            .put_ephemeral(&path, &encode(info)?, true)
+            .await
     }
 
     /// The agent's session here ended: deletes its node if this session still owns

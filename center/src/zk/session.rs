@@ -287,11 +287,7 @@ async fn put(
     Err(create_err(zk::Error::BadVersion))
 }
 
-async fn supervise(
-    weak: Weak<Inner>,
-    mut state: zk::StateWatcher,
-    cancel: CancellationToken,
-) {
+async fn supervise(weak: Weak<Inner>, mut state: zk::StateWatcher, cancel: CancellationToken) {
     loop {
         let st = tokio::select! {
             _ = cancel.cancelled() => return,
