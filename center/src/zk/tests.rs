@@ -42,12 +42,25 @@ async fn kill_session(s: &ZkSession) {
     let client = s.client();
     let info = client.session().clone();
     let servers = s.url().connect_string();
-    let thief = zk::Client::connector()
-        .with_session(info)
-        .connect(&servers)
-        .await
-        .expect("attaching to the session");
-    drop(thief); // not detached: closes the session
+    // The owner reconnects as soon as the server moves its connection to the thief,
+    // which can win the session back before the thief's handshake is done: try again.
+    let mut last = None;
+    for _ in 0..10 {
+        match zk::Client::connector()
+            .with_session(info.clone())
+            .with_session_timeout(client.session_timeout())
+            .connect(&servers)
+            .await
+        {
+            Ok(thief) => {
+                drop(thief); // not detached: closes the session
+                return;
+            }
+            Err(zk::Error::SessionExpired) => return,
+            Err(e) => last = Some(e),
+        }
+    }
+    panic!("could not attach to the session to close it: {last:?}");
 }
 
 async fn wait_generation(s: &ZkSession, from: u64, timeout: Duration) {
