@@ -149,9 +149,9 @@ async fn run(args: Args) -> Result<(), String> {
     q.enqueue_batch(&hosts).await.map_err(|e| e.to_string())?;
     let fanout = start.elapsed();
 
-    println!("{:<44} {:>10} {:>11}", "", "time", "rate");
+    println!("{:<48} {:>10} {:>11}", "", "time", "rate");
     let line = |what: &str, n: u64, d: Duration| {
-        println!("{what:<44} {:>8.2} s {}", d.as_secs_f64(), rate(n, d))
+        println!("{what:<48} {:>8.2} s {}", d.as_secs_f64(), rate(n, d))
     };
     line("enqueue, one create per task", n, naive_enq);
     line(

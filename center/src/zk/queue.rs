@@ -36,8 +36,9 @@
 //! and enqueueing leaves an orphan, which [`TaskQueue::sweep_orphan_bodies`] removes
 //! once it is older than a given age and no entry names it.
 //!
-//! **Limits.** A queue is listed whole with one `getChildren`, whose answer must fit
-//! in the client's 1 MB packet limit: about 40 000 pending entries per host. The
+//! **Limits.** A queue is listed whole with one `getChildren`, whose answer should
+//! stay within ZooKeeper's usual 1 MB packet limit (`jute.maxbuffer`): keep a host
+//! under about 30 000 pending entries (names are up to 32 bytes). The
 //! sequence counter is a signed 32-bit number per host queue; names past 2^31 are
 //! refused as undecodable (a queue node can be deleted when empty to restart it).
 
