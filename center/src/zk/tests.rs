@@ -362,6 +362,13 @@ async fn zk_session_expiry_recreates_ephemerals_without_offline_storm() {
             .wait_until(Duration::from_secs(10), |v| v.len() == N)
             .await
     );
+    // The expiring center watches too: its own view must not flap either.
+    let mut own = reg_a.watch_agents(Duration::from_secs(5));
+    assert!(
+        own.wait_until(Duration::from_secs(10), |v| v.len() == N)
+            .await
+    );
+    while own.try_next().is_some() {}
     let mut online = 0;
     while let Some(ev) = presence.try_next() {
         assert!(matches!(ev, PresenceEvent::Online { .. }));
@@ -402,6 +409,13 @@ async fn zk_session_expiry_recreates_ephemerals_without_offline_storm() {
         "no presence events for a {gap:?} re-registration gap: {events:?}"
     );
     assert_eq!(presence.snapshot().len(), N);
+    let own_events: Vec<_> = std::iter::from_fn(|| own.try_next()).collect();
+    assert!(own_events.is_empty(), "own watcher: {own_events:?}");
+    assert!(
+        own.rearms() > 1,
+        "the own watcher re-armed on the new session"
+    );
+    assert_eq!(own.snapshot().len(), N);
     // And an agent really leaving is reported, once, after the grace.
     assert!(reg_a.unregister_agent("node-3").await.unwrap());
     let ev = tokio::time::timeout(Duration::from_secs(10), presence.next())
