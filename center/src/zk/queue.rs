@@ -119,6 +119,19 @@ fn body_path(task: u64) -> String {
     format!("{BODIES}/{task}")
 }
 
+fn is_no_node<T>(r: &Result<T, ZkError>) -> bool {
+    matches!(
+        r,
+        Err(ZkError::Multi {
+            source: zk::MultiWriteError::OperationFailed {
+                source: zk::Error::NoNode,
+                ..
+            },
+            ..
+        })
+    )
+}
+
 fn is_retryable(e: &zk::Error) -> bool {
     matches!(e, zk::Error::ConnectionLoss | zk::Error::Timeout)
 }
@@ -213,7 +226,12 @@ impl TaskQueue {
         let client = self.session.client();
         let mut out = Vec::with_capacity(items.len());
         for batch in items.chunks(MAX_OPS_PER_MULTI) {
-            let result = self.commit_batch(&client, batch).await;
+            let mut result = self.commit_batch(&client, batch).await;
+            if is_no_node(&result) {
+                // A queue node believed to exist was deleted: recreate and retry once
+                // (the failed transaction committed nothing).
+                result = self.commit_batch(&client, batch).await;
+            }
             match result {
                 Ok(entries) => out.extend(entries),
                 Err(e) => {

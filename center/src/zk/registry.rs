@@ -37,8 +37,9 @@ use super::{check_host, decode_json, ZkError, ZkSession};
 
 const AGENTS: &str = "/agents";
 const CENTERS: &str = "/centers";
-/// Cap on a registration's JSON.
-pub const MAX_INFO_BYTES: usize = 4096;
+/// Cap on a registration's JSON (a few addresses and names; keeps a multi-read of
+/// `READ_BATCH` registrations well under ZooKeeper's 1 MB packet limit).
+pub const MAX_INFO_BYTES: usize = 1024;
 /// Reads per multi-read round trip when fetching many registrations.
 const READ_BATCH: usize = 256;
 

@@ -250,6 +250,18 @@ async fn zk_redelivery_after_crash() {
         2,
         "queue_all lists every host's entries"
     );
+    // An emptied queue node deleted behind the producer's back is recreated.
+    let left = producer.entries("db-1").await.unwrap();
+    assert_eq!(producer.ack_many("db-1", &left).await.unwrap(), 2);
+    producer
+        .session()
+        .client()
+        .delete("/queues/db-1", None)
+        .await
+        .unwrap();
+    let e = producer.enqueue_batch(&[("db-1", 14)]).await.unwrap();
+    assert_eq!(e[0].task, 14);
+    assert_eq!(producer.entries("db-1").await.unwrap(), e);
 }
 
 /// Bodies are chunked under /bodies/<task>, shared by all hosts' entries, checked
