@@ -212,15 +212,17 @@ impl ZkServer {
             common_cfg(&root.join("data"))
         );
         std::fs::write(&cfg, text).map_err(|e| format!("writing {}: {e}", cfg.display()))?;
-        let mut node = Node {
+        let node = Node {
             dir: root.clone(),
             cfg,
             client: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
             child: None,
         };
-        node.spawn()?;
-        node.wait_mode(&["standalone"], START_TIMEOUT)?;
-        Ok(ZkServer { node, root })
+        // Built first, so a failed start still kills and cleans up on drop.
+        let mut server = ZkServer { node, root };
+        server.node.spawn()?;
+        server.node.wait_mode(&["standalone"], START_TIMEOUT)?;
+        Ok(server)
     }
 
     /// `127.0.0.1:PORT`.
@@ -278,7 +280,11 @@ impl ZkEnsemble {
                 )
             })
             .collect();
-        let mut nodes = Vec::new();
+        // Built first, so a failed start still kills and cleans up on drop.
+        let mut ensemble = ZkEnsemble {
+            nodes: Vec::new(),
+            root: root.clone(),
+        };
         for (i, &client_port) in ports.iter().enumerate().take(N) {
             let dir = root.join(format!("node{}", i + 1));
             let data = dir.join("data");
@@ -292,17 +298,16 @@ impl ZkEnsemble {
                 common_cfg(&data)
             );
             std::fs::write(&cfg, text).map_err(|e| format!("writing {}: {e}", cfg.display()))?;
-            nodes.push(Node {
+            ensemble.nodes.push(Node {
                 dir,
                 cfg,
                 client: SocketAddr::from((Ipv4Addr::LOCALHOST, client_port)),
                 child: None,
             });
         }
-        for node in &mut nodes {
+        for node in &mut ensemble.nodes {
             node.spawn()?;
         }
-        let mut ensemble = ZkEnsemble { nodes, root };
         for node in &mut ensemble.nodes {
             node.wait_mode(&["leader", "follower"], START_TIMEOUT)?;
         }
