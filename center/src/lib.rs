@@ -5,3 +5,4 @@ pub mod center;
 pub mod content;
 pub mod store;
 pub mod target;
+pub mod zk;
