@@ -1035,8 +1035,24 @@ fn cp_small_files_go_through_the_pool_and_async_copies_outlive_the_cli_and_the_c
     assert_eq!(s["ok"], 2, "{s}");
     assert_eq!(s["offline"], 1, "{s}");
 
-    // The center is killed and restarted; node-3 returns and still gets the copy from
-    // the center's restored seed.
+    // A plain (synchronous) copy with node-3 offline: the CLI hands its source to the
+    // center before it exits, so node-3 can still get it later.
+    let pkg = f.dir.path().join("pkg.bin");
+    octopus_tests::write_random(&pkg, 3 << 20, 9);
+    let pkg_md5 = crate::md5_hex(&pkg);
+    let (code, out, err) = f.octo(&[
+        "cp",
+        "--json",
+        "--mkdir",
+        &pkg.display().to_string(),
+        &format!("all:{}/pkg/", view.display()),
+    ]);
+    assert_ne!(code, 0, "an offline host is not done: {out}\n{err}");
+    let sync_id = summary(&out)["id"].as_u64().unwrap();
+    assert!(out.contains("\"handed-over\""), "{out}");
+
+    // The center is killed and restarted; node-3 returns and still gets both copies
+    // from the center's restored seeds.
     f.center.kill9();
     let (c2, _, _, _) = start_center(f.dir.path(), &f.addr, "center-2");
     f.center = c2;
@@ -1044,6 +1060,13 @@ fn cp_small_files_go_through_the_pool_and_async_copies_outlive_the_cli_and_the_c
     let (code, out, err) = f.octo(&["task", "wait", &id.to_string(), "--json"]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(summary(&out)["ok"], 3);
+    let (code, out, err) = f.octo(&["task", "wait", &sync_id.to_string(), "--json"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let s = summary(&out);
+    assert_eq!(s["ok"], 3, "{s}");
+    for h in s["task"]["hosts"].as_array().unwrap() {
+        assert_eq!(h["md5"][0], pkg_md5.as_str(), "{h}");
+    }
     let (code, out, _) = f.octo(&["task", "show", &id.to_string(), "--json"]);
     assert_eq!(code, 0);
     let t: Value = serde_json::from_str(&out).unwrap();

@@ -210,6 +210,7 @@ pub(crate) fn router(inner: Shared) -> Router {
         .route("/tokens", post(create_token).get(list_tokens))
         .route("/tokens/{id}/revoke", post(revoke_token))
         .route("/tasks/{id}/progress", get(task_progress))
+        .route("/tasks/{id}/seed", post(adopt_copy))
         .route("/files", put(upload_file).get(list_files))
         .route("/files/{md5}", get(get_file))
         .route("/audit", get(list_audit))
@@ -841,6 +842,25 @@ async fn task_progress(
         "bytes": bytes, "total": total,
         "slowest": slowest.map(|(_, h, b, t)| json!({"host": h, "bytes": b, "total": t})),
     })))
+}
+
+#[derive(Debug, Deserialize)]
+struct AdoptReq {
+    upload: Vec<crate::content::UploadedFile>,
+}
+
+/// `POST /api/v1/tasks/{id}/seed`: the center seeds this copy from now on, from files
+/// uploaded to it (the CLI that seeded it is leaving while hosts are still offline).
+async fn adopt_copy(
+    caller: Caller,
+    State(inner): State<Shared>,
+    Path(id): Path<u64>,
+    body: Result<Json<AdoptReq>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Operator)?;
+    let Json(req) = body?;
+    let seed = center::adopt_copy(&inner, id, &req.upload).await?;
+    Ok(Json(json!({"id": id, "seed": seed})))
 }
 
 /// `PUT /api/v1/files`: store the body in the center's content cache (for the pool

@@ -789,6 +789,58 @@ fn locality_tags(inner: &Inner, host: &str) -> Vec<String> {
     }
 }
 
+/// Replaces a running copy's source with a center-held seed (the CLI that seeded it is
+/// leaving while hosts are still offline), and re-pumps the hosts still queued.
+pub(crate) async fn adopt_copy(
+    inner: &Inner,
+    id: u64,
+    files: &[crate::content::UploadedFile],
+) -> Result<String, crate::api::ApiError> {
+    use crate::api::ApiError;
+    let rec = inner
+        .store
+        .get_task(id)
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
+    if rec.state != TaskState::Running {
+        return Err(ApiError::bad_request(format!("task {id} is finished")));
+    }
+    let mut body: TaskBody = postcard::from_bytes(&rec.body).map_err(ApiError::internal)?;
+    let TaskBody::Fetch(spec) = &mut body else {
+        return Err(ApiError::bad_request(format!("task {id} is not a copy")));
+    };
+    if spec.pool.is_some() || spec.seed.is_some() {
+        return Err(ApiError::bad_request(format!(
+            "task {id} already takes its content from the center"
+        )));
+    }
+    let seed = inner
+        .content
+        .create_seed(files)
+        .await
+        .map_err(ApiError::bad_request)?;
+    spec.seed = Some(seed.clone());
+    inner
+        .store
+        .set_task_body(
+            id,
+            postcard::to_stdvec(&body).expect("task body serializes"),
+        )
+        .map_err(ApiError::internal)?;
+    inner.content.bind_seed(&seed, id);
+    inner.bodies.lock().unwrap().remove(&id);
+    let hosts: Vec<String> = inner
+        .store
+        .results(id)
+        .map_err(ApiError::internal)?
+        .into_iter()
+        .filter(|r| !r.state.is_final())
+        .map(|r| r.host)
+        .collect();
+    kick_hosts(inner, &hosts);
+    Ok(seed)
+}
+
 /// Whether a task is still running (unknown ones are not).
 pub(crate) fn task_open(store: &dyn Store, task: u64) -> bool {
     matches!(store.get_task(task), Ok(Some(t)) if t.state == TaskState::Running)

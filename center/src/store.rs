@@ -429,6 +429,9 @@ pub trait Store: Send + Sync + 'static {
     /// be distinct. A task with no hosts is `Done` at once.
     fn create_task(&self, task: NewTask, now: u64) -> Result<u64, StoreError>;
     fn get_task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError>;
+    /// Replaces a task's body (a copy whose source moves to a center-held seed).
+    /// Hosts that already have the old body keep it; later deliveries get the new one.
+    fn set_task_body(&self, id: u64, body: Vec<u8>) -> Result<(), StoreError>;
     /// At most `limit` tasks, newest first.
     fn list_tasks(&self, limit: usize) -> Result<Vec<TaskRecord>, StoreError>;
     /// Every host's result for the task, ordered by host name.
@@ -895,6 +898,15 @@ impl Store for RedbStore {
             put_task(tx, &record)?;
             Ok(id)
         })
+    }
+
+    fn set_task_body(&self, id: u64, body: Vec<u8>) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        let mut task = get_task_tx(&tx, id)?;
+        task.body = body;
+        put_task(&tx, &task)?;
+        tx.commit()?;
+        Ok(())
     }
 
     fn get_task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError> {

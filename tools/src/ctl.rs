@@ -958,6 +958,7 @@ pub async fn cp(conn: Conn, a: CpArgs) -> Result<bool> {
     });
     let json_out = a.json;
     let mut seed = None;
+    let local_roots = roots.clone();
     let total;
     if let Some((host, paths)) = remote {
         // The source host seeds (for the TTL, so an --async copy outlives us).
@@ -1004,6 +1005,7 @@ pub async fn cp(conn: Conn, a: CpArgs) -> Result<bool> {
     }
     body["size"] = json!(total);
     let async_ = a.async_;
+    let cli_seeds = seed.is_some();
     let res = tokio::task::spawn_blocking(move || -> Result<bool> {
         let c = Client::new(&conn)?;
         let created = c.post("creating the copy task", "/tasks", &body)?;
@@ -1027,7 +1029,30 @@ pub async fn cp(conn: Conn, a: CpArgs) -> Result<bool> {
             return Ok(true);
         }
         let bar = (!json_out && std::io::stderr().is_terminal()).then_some(hosts as u64);
-        follow_copy(&c, id, json_out, bar)
+        let ok = follow_copy(&c, id, json_out, bar)?;
+        // Hosts still offline: this process stops seeding, so the center takes over.
+        let p = c.get("reading the copy's progress", &format!("/tasks/{id}/progress"))?;
+        let pending = p["hosts"].as_u64().unwrap_or(0) - p["done"].as_u64().unwrap_or(0);
+        if pending > 0 && cli_seeds {
+            let (files, _) = upload_sources(&conn, &local_roots, json_out)?;
+            let upload: Vec<Value> = files
+                .iter()
+                .map(|(p, m, mode)| json!({"path": p, "md5": m, "mode": mode}))
+                .collect();
+            c.post(
+                "handing the copy to the center",
+                &format!("/tasks/{id}/seed"),
+                &json!({ "upload": upload }),
+            )?;
+            if json_out {
+                println!("{}", json!({"event": "handed-over", "id": id, "pending": pending}));
+            } else {
+                eprintln!(
+                    "task {id}: {pending} host(s) still offline get the copy from the center when they return (within the TTL); follow with `octo task wait {id}`"
+                );
+            }
+        }
+        Ok(ok)
     })
     .await
     .context("joining the API client")?;
