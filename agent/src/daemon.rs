@@ -282,6 +282,9 @@ struct State {
     running: Mutex<BTreeMap<u64, CancellationToken>>,
     cancelled: Mutex<HashSet<u64>>,
     fetch: crate::fetch::FetchCtx,
+    /// Every center this agent knows (the configured one first, then what the centers
+    /// announce), and which one it tries next. Persisted in `data_dir/centers`.
+    centers: Mutex<(Vec<SocketAddr>, usize)>,
     /// The center's URL-signing key, from its welcome; the pool checks URLs with it.
     url_key: crate::pool::CenterKey,
     pool_port: u16,
@@ -365,6 +368,12 @@ pub async fn spawn(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         None
     };
     let url_key: crate::pool::CenterKey = Arc::default();
+    let mut centers = vec![cfg.center];
+    for c in load_centers(&cfg.data_dir) {
+        if !centers.contains(&c) {
+            centers.push(c);
+        }
+    }
     let pool = match (&cache, cfg.pool_listen) {
         (Some(c), Some(listen)) => Some(
             crate::pool::spawn(listen, c.clone(), url_key.clone())
@@ -374,9 +383,10 @@ pub async fn spawn(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         _ => None,
     };
     let state = Arc::new(State {
+        centers: Mutex::new((centers, 0)),
         fetch: crate::fetch::FetchCtx {
             cache,
-            center: cfg.center,
+            center: Arc::new(Mutex::new(cfg.center)),
             node_up: octopus_transfer::limit::Limiter::new(cfg.limit_up),
             node_down: octopus_transfer::limit::Limiter::new(cfg.limit_down),
             cached: Arc::default(),
@@ -408,10 +418,19 @@ pub async fn spawn(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         let mut sampler = Sampler::new();
         loop {
             let started = std::time::Instant::now();
-            let res = session(&cfg, &ep, &id, &ca, &state, &mut sampler, &c).await;
+            let center = {
+                let g = state.centers.lock().unwrap();
+                g.0[g.1 % g.0.len()]
+            };
+            let res = session(&cfg, center, &ep, &id, &ca, &state, &mut sampler, &c).await;
             *state.session.lock().unwrap() = None;
             if c.is_cancelled() {
                 break;
+            }
+            // Next time, the next center: one that died is not retried first.
+            {
+                let mut g = state.centers.lock().unwrap();
+                g.1 = (g.1 + 1) % g.0.len();
             }
             match res {
                 Ok(()) => info!("session with the center ended"),
@@ -439,8 +458,10 @@ pub async fn spawn(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     Ok(AgentHandle { cancel, task })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session(
     cfg: &AgentConfig,
+    center: SocketAddr,
     ep: &Endpoint,
     id: &Identity,
     ca: &[u8],
@@ -451,12 +472,12 @@ async fn session(
     let conn = octopus_transfer::net::connect_check(
         ep,
         id,
-        cfg.center,
+        center,
         ServerCheck::IssuedBy(ca.to_vec().into()),
         ALPN_CTL,
     )
     .await
-    .map_err(|e| format!("connecting to {}: {e}", cfg.center))?;
+    .map_err(|e| format!("connecting to {center}: {e}"))?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let hello = AgentMsg::Hello {
         version: VERSION.to_string(),
@@ -474,15 +495,17 @@ async fn session(
         Ok(Some(CenterMsg::Welcome {
             heartbeat_ms,
             url_key,
-            ..
+            centers,
         })) => {
             *state.url_key.write().unwrap() = url_key;
+            *state.fetch.center.lock().unwrap() = center;
+            learn_centers(state, &cfg.data_dir, center, &centers);
             Duration::from_millis(heartbeat_ms.clamp(100, 600_000))
         }
         Ok(_) => return Err("the center did not welcome us".into()),
         Err(e) => return Err(e.to_string()),
     };
-    info!(center = %cfg.center, "connected to the center");
+    info!(%center, "connected to the center");
     let (tx, mut rx) = mpsc::unbounded_channel::<AgentMsg>();
     let _ = tx.send(state.holdings());
     // Results the center has not acknowledged yet go first.
@@ -577,6 +600,47 @@ fn on_center_msg(state: &Arc<State>, tx: &mpsc::UnboundedSender<AgentMsg>, m: Ce
         }
         CenterMsg::DoneAck { task } => {
             state.journal.lock().unwrap().forget_result(task);
+        }
+    }
+}
+
+/// Centers remembered from earlier sessions.
+fn load_centers(dir: &Path) -> Vec<SocketAddr> {
+    std::fs::read_to_string(dir.join("centers"))
+        .unwrap_or_default()
+        .lines()
+        .take(64)
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Takes the centers a welcome lists (for failover): the one we are connected to
+/// stays where it is, new ones are appended, and the list is saved.
+fn learn_centers(state: &State, dir: &Path, current: SocketAddr, announced: &[String]) {
+    let mut g = state.centers.lock().unwrap();
+    let mut changed = false;
+    for a in announced.iter().take(64) {
+        let Ok(addr) = a.parse::<SocketAddr>() else {
+            continue;
+        };
+        // A center listening on 0.0.0.0 announces that; reach it where we reached it.
+        let addr = if addr.ip().is_unspecified() {
+            SocketAddr::new(current.ip(), addr.port())
+        } else {
+            addr
+        };
+        if !g.0.contains(&addr) {
+            g.0.push(addr);
+            changed = true;
+        }
+    }
+    if let Some(i) = g.0.iter().position(|c| *c == current) {
+        g.1 = i;
+    }
+    if changed {
+        let text: String = g.0.iter().map(|c| format!("{c}\n")).collect();
+        if let Err(e) = write_file(&dir.join("centers"), text.as_bytes(), 0o644) {
+            warn!("saving the list of centers: {e}");
         }
     }
 }

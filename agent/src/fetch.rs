@@ -36,8 +36,8 @@ use crate::proto::{FetchSpec, PoolFile};
 #[derive(Debug, Clone)]
 pub struct FetchCtx {
     pub cache: Option<Arc<ContentCache>>,
-    /// The center's API address, where pool URLs start.
-    pub center: SocketAddr,
+    /// The current center's API address, where pool URLs start.
+    pub center: Arc<std::sync::Mutex<SocketAddr>>,
     /// This agent's limits, shared by all its transfers (agent config).
     pub node_up: Limiter,
     pub node_down: Limiter,
@@ -399,7 +399,8 @@ fn download(
     to: &Path,
     progress: &(dyn Fn(u64, u64) + Send + Sync),
 ) -> Result<(), String> {
-    let url = format!("http://{}/api/v1/files/{}?{}", ctx.center, pf.md5, pf.query);
+    let center = *ctx.center.lock().unwrap();
+    let url = format!("http://{center}/api/v1/files/{}?{}", pf.md5, pf.query);
     let http: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_connect(Some(Duration::from_secs(10)))

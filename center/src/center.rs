@@ -53,6 +53,9 @@ pub struct CenterConfig {
     /// Disk quota of the center's content cache (uploads for the pool and for
     /// `--async` copies).
     pub content_quota: u64,
+    /// `zk://HOST:PORT[,HOST:PORT...]/CHROOT`: register in ZooKeeper, so several
+    /// centers serve one fleet. `None`: embedded, one center.
+    pub registry: Option<String>,
 }
 
 /// Default quota of the center's content cache: 20 GiB.
@@ -78,6 +81,8 @@ pub enum CenterError {
     Quic(String),
     #[error("setting up the content store: {0}")]
     Content(String),
+    #[error("joining the ZooKeeper registry: {0}")]
+    Registry(#[from] crate::zk::ZkError),
 }
 
 /// One live event of a task, for `octo exec` / `octo task wait` to follow.
@@ -133,6 +138,12 @@ pub(crate) struct Inner {
     /// decode the whole task record (with its list of every host) once per host.
     bodies: Mutex<HashMap<u64, Arc<(TaskBody, u64)>>>,
     pub content: crate::content::Content,
+    /// The shared registry (ZooKeeper) when several centers serve the fleet.
+    pub registry: Option<crate::zk::Registry>,
+    /// This center's id in the registry: its agents' address.
+    pub center_id: String,
+    /// Hosts with a session at any center, per the registry (kept by a watch).
+    pub online_anywhere: Mutex<HashSet<String>>,
 }
 
 /// Counters for `/api/v1/metrics` (Prometheus text format).
@@ -226,9 +237,21 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         path: cfg.data_dir.clone(),
         source,
     })?;
+    let registry = match &cfg.registry {
+        Some(u) => {
+            let url = crate::zk::ZkUrl::parse(u)?;
+            let session =
+                crate::zk::ZkSession::connect(&url, crate::zk::SessionOptions::default()).await?;
+            Some(crate::zk::Registry::new(session))
+        }
+        None => None,
+    };
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&cfg.data_dir.join("center.redb"))?);
     let ca = load_or_create_ca(store.as_ref())?;
-    store.mark_all_offline(proto::now_ms())?;
+    if registry.is_none() {
+        // Alone, nobody is connected at start; with peers, they hold their sessions.
+        store.mark_all_offline(proto::now_ms())?;
+    }
 
     // First start: an admin token, written 0600 and handed back to print once.
     let mut new_admin_token = None;
@@ -298,7 +321,21 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         .map_err(CenterError::Content)?;
 
     let (finish_tx, finish_rx) = mpsc::unbounded_channel();
+    let center_id = quic_addr.to_string();
+    if let Some(r) = &registry {
+        r.register_center(
+            &center_id,
+            &crate::zk::CenterInfo {
+                addr: quic_addr.to_string(),
+                version: VERSION.to_string(),
+            },
+        )
+        .await?;
+    }
     let inner = Arc::new(Inner {
+        online_anywhere: Mutex::new(HashSet::new()),
+        registry,
+        center_id,
         content,
         live: Mutex::new(HashMap::new()),
         running: Mutex::new(HashSet::new()),
@@ -325,6 +362,31 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         tracker.clone(),
     ));
     tracker.spawn(sweeper(inner.clone(), cancel.clone()));
+    if let Some(r) = &inner.registry {
+        // Who is online at any center; "offline" only after a grace period, so a
+        // session expiry or an agent moving between centers raises no storm.
+        let mut presence = r.watch_agents(Duration::from_secs(5));
+        let inner = inner.clone();
+        let c = cancel.clone();
+        tracker.spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    _ = c.cancelled() => return,
+                    e = presence.next() => e,
+                };
+                let mut set = inner.online_anywhere.lock().unwrap();
+                match ev {
+                    Some(crate::zk::PresenceEvent::Online { host, .. }) => {
+                        set.insert(host);
+                    }
+                    Some(crate::zk::PresenceEvent::Offline { host }) => {
+                        set.remove(&host);
+                    }
+                    None => return,
+                }
+            }
+        });
+    }
     {
         // Seeds of `--async` copies still running come back; their tasks wait for
         // them (pump_queue skips a seed task until its seed is up).
@@ -620,9 +682,27 @@ async fn serve_ctl(inner: Arc<Inner>, conn: Connection, cancel: CancellationToke
         .sessions_opened
         .fetch_add(1, Ordering::Relaxed);
     info!(%host, %remote, "agent online");
+    let mut centers = vec![inner.quic_addr.to_string()];
+    if let Some(r) = &inner.registry {
+        match r.centers().await {
+            Ok(all) => {
+                let me = inner.quic_addr.to_string();
+                centers.extend(all.into_values().map(|c| c.addr).filter(|a| *a != me));
+            }
+            Err(e) => warn!("listing the centers: {e}"),
+        }
+        let info = crate::zk::AgentInfo {
+            addr: remote.to_string(),
+            version: VERSION.to_string(),
+            center: inner.center_id.clone(),
+        };
+        if let Err(e) = r.register_agent(&host, &info).await {
+            warn!(%host, "registering the agent: {e}");
+        }
+    }
     let welcome = CenterMsg::Welcome {
         heartbeat_ms: inner.heartbeat.as_millis() as u64,
-        centers: vec![inner.quic_addr.to_string()],
+        centers,
         url_key: inner.content.signer.public_key(),
     };
     if proto::write_msg(&mut send, &welcome).await.is_err() {
@@ -644,9 +724,17 @@ async fn serve_ctl(inner: Arc<Inner>, conn: Connection, cancel: CancellationToke
         let kick = kick.clone();
         tokio::spawn(async move {
             let mut sent: HashSet<u64> = HashSet::new();
+            // With peers, a task may be queued by another center, which cannot kick
+            // this session: look at the shared queue every second as well.
+            // FIXME: a watch on the host's queue instead of polling.
+            let poll = if inner.registry.is_some() {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(3600)
+            };
             loop {
                 pump_queue(&inner, &host, &tx, &mut sent);
-                kick.notified().await;
+                let _ = tokio::time::timeout(poll, kick.notified()).await;
             }
         })
     };
@@ -676,13 +764,28 @@ async fn serve_ctl(inner: Arc<Inner>, conn: Connection, cancel: CancellationToke
     }
     pump.abort();
     writer.abort();
-    let mut sessions = inner.sessions.lock().unwrap();
-    if sessions.get(&host).is_some_and(|s| s.id == sid) {
-        sessions.remove(&host);
-        drop(sessions);
+    let mine = {
+        let mut sessions = inner.sessions.lock().unwrap();
+        let mine = sessions.get(&host).is_some_and(|s| s.id == sid);
+        if mine {
+            sessions.remove(&host);
+        }
+        mine
+    };
+    if mine {
         inner.content.drop_member(&host);
-        let _ = inner.store.set_online(&host, false, proto::now_ms());
-        info!(%host, "agent offline");
+        // Offline only if it did not move to another center meanwhile.
+        let moved = match &inner.registry {
+            Some(r) => {
+                let _ = r.unregister_agent(&host).await;
+                matches!(r.agent(&host).await, Ok(Some(a)) if a.center != inner.center_id)
+            }
+            None => false,
+        };
+        if !moved {
+            let _ = inner.store.set_online(&host, false, proto::now_ms());
+            info!(%host, "agent offline");
+        }
     }
 }
 
@@ -1041,6 +1144,7 @@ pub(crate) fn online_count(inner: &Inner) -> usize {
 
 pub(crate) fn is_online(inner: &Inner, host: &str) -> bool {
     inner.sessions.lock().unwrap().contains_key(host)
+        || inner.online_anywhere.lock().unwrap().contains(host)
 }
 
 pub(crate) fn push_event(inner: &Inner, task: u64, host: &str, kind: &str, data: &str) {

@@ -721,14 +721,17 @@ pub async fn center(
     data_dir: Option<PathBuf>,
     heartbeat: Duration,
     content_quota: u64,
+    registry: Option<String>,
     json_out: bool,
 ) -> Result<()> {
     let data_dir = data_dir.unwrap_or_else(|| default_dir("center"));
+    let registry = registry.or_else(|| from_config("registry"));
     let h = octopus_center::center::spawn(octopus_center::center::CenterConfig {
         listen,
         data_dir: data_dir.clone(),
         heartbeat,
         content_quota,
+        registry,
     })
     .await
     .context("starting the center")?;

@@ -89,6 +89,7 @@ async fn run_in(dir: &Path, size: u64, n: usize, json_out: bool) -> Result<()> {
         data_dir: dir.join("center"),
         heartbeat: Duration::from_secs(1),
         content_quota: octopus_center::center::DEFAULT_CONTENT_QUOTA,
+        registry: None,
     })
     .await
     .context("starting the center")?;

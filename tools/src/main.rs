@@ -107,6 +107,10 @@ enum Cmd {
         /// Disk quota for uploaded content (small and hot files, `cp --async`).
         #[arg(long, default_value = "20GiB", value_parser = parse_rate_arg)]
         content_quota: u64,
+        /// Share the fleet with other centers through ZooKeeper:
+        /// zk://HOST:PORT[,HOST:PORT...]/CHROOT (default: embedded, one center).
+        #[arg(long)]
+        registry: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -271,8 +275,9 @@ fn main() -> ExitCode {
                 data_dir,
                 heartbeat,
                 content_quota,
+                registry,
                 json,
-            } => ctl::center(listen, data_dir, heartbeat, content_quota, json).await,
+            } => ctl::center(listen, data_dir, heartbeat, content_quota, registry, json).await,
             Cmd::Agent(opts) => ctl::agent(opts).await,
             // The API clients block on HTTP; nothing else runs on this runtime then.
             Cmd::Agents { conn, target, json } => ctl::agents(&conn, target, json),
