@@ -322,6 +322,8 @@ struct AgentView {
     version: String,
     fingerprint: String,
     resources: Option<octopus_agent::hostinfo::Resources>,
+    /// The center the agent has its session with (its agents' address).
+    center: Option<String>,
 }
 
 async fn list_agents(
@@ -354,6 +356,7 @@ async fn list_agents(
         .filter(|h| selected.as_ref().is_none_or(|s| s.contains(&h.name)))
         .map(|h| {
             let online = center::is_online(&inner, &h.name);
+            let at = center::center_of(&inner, &h.name);
             let live = inner.live.lock().unwrap().get(&h.name).cloned();
             AgentView {
                 status: if online {
@@ -362,6 +365,7 @@ async fn list_agents(
                     "offline".into()
                 },
                 online,
+                center: at,
                 offline_since: if online { None } else { h.offline_since },
                 resources: live
                     .as_ref()

@@ -142,8 +142,9 @@ pub(crate) struct Inner {
     pub registry: Option<crate::zk::Registry>,
     /// This center's id in the registry: its agents' address.
     pub center_id: String,
-    /// Hosts with a session at any center, per the registry (kept by a watch).
-    pub online_anywhere: Mutex<HashSet<String>>,
+    /// Hosts with a session at any center, per the registry (kept by a watch), and
+    /// the id of that center.
+    pub online_anywhere: Mutex<HashMap<String, String>>,
 }
 
 /// Counters for `/api/v1/metrics` (Prometheus text format).
@@ -333,7 +334,7 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         .await?;
     }
     let inner = Arc::new(Inner {
-        online_anywhere: Mutex::new(HashSet::new()),
+        online_anywhere: Mutex::new(HashMap::new()),
         registry,
         center_id,
         content,
@@ -376,8 +377,8 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
                 };
                 let mut set = inner.online_anywhere.lock().unwrap();
                 match ev {
-                    Some(crate::zk::PresenceEvent::Online { host, .. }) => {
-                        set.insert(host);
+                    Some(crate::zk::PresenceEvent::Online { host, info }) => {
+                        set.insert(host, info.center);
                     }
                     Some(crate::zk::PresenceEvent::Offline { host }) => {
                         set.remove(&host);
@@ -1144,7 +1145,15 @@ pub(crate) fn online_count(inner: &Inner) -> usize {
 
 pub(crate) fn is_online(inner: &Inner, host: &str) -> bool {
     inner.sessions.lock().unwrap().contains_key(host)
-        || inner.online_anywhere.lock().unwrap().contains(host)
+        || inner.online_anywhere.lock().unwrap().contains_key(host)
+}
+
+/// The id of the center `host` has its session with, if any.
+pub(crate) fn center_of(inner: &Inner, host: &str) -> Option<String> {
+    if inner.sessions.lock().unwrap().contains_key(host) {
+        return Some(inner.center_id.clone());
+    }
+    inner.online_anywhere.lock().unwrap().get(host).cloned()
 }
 
 pub(crate) fn push_event(inner: &Inner, task: u64, host: &str, kind: &str, data: &str) {

@@ -70,8 +70,10 @@ pub mod queue;
 pub mod registry;
 mod session;
 
-#[cfg(test)]
-pub(crate) mod testing;
+/// Test support: runs Debian's real ZooKeeper (standalone or a 3-node ensemble) on
+/// loopback. Public so the end-to-end tests of the `octo` binary can use it too.
+#[doc(hidden)]
+pub mod testing;
 #[cfg(test)]
 mod tests;
 
