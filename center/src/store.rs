@@ -337,6 +337,15 @@ pub enum StoreError {
     NotFound { what: &'static str, key: String },
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// A failure of the ZooKeeper backend ([`crate::zk::ZkStore`]).
+    #[error("ZooKeeper: {0}")]
+    Zk(#[source] Box<crate::zk::ZkError>),
+}
+
+impl From<crate::zk::ZkError> for StoreError {
+    fn from(e: crate::zk::ZkError) -> Self {
+        StoreError::Zk(Box::new(e))
+    }
 }
 
 impl From<redb::DatabaseError> for StoreError {

@@ -69,6 +69,7 @@
 pub mod queue;
 pub mod registry;
 mod session;
+pub mod store;
 
 #[cfg(test)]
 pub(crate) mod testing;
@@ -78,6 +79,7 @@ mod tests;
 pub use queue::{Consumer, QueueEntry, TaskQueue};
 pub use registry::{AgentInfo, CenterInfo, Presence, PresenceEvent, Registry};
 pub use session::{SessionOptions, ZkSession};
+pub use store::{ZkStore, ZkStoreOptions};
 
 /// The client library, re-exported so callers (and the benchmark) need not depend on it.
 pub use zookeeper_client as client;
@@ -136,6 +138,30 @@ pub enum ZkError {
     BodyCorrupt { task: u64, reason: String },
     #[error("the ZooKeeper session is closed")]
     Closed,
+    #[error("starting the store's ZooKeeper runtime thread: {0}")]
+    Runtime(String),
+    #[error("{what} did not complete within {after:?} (its outcome is unknown)")]
+    TimedOut {
+        what: &'static str,
+        after: std::time::Duration,
+    },
+    #[error(
+        "{what} gave up after {attempts} attempts lost to concurrent updates or connection losses"
+    )]
+    Contention { what: &'static str, attempts: usize },
+    #[error("syncing {path} with the leader: {source}")]
+    Sync {
+        path: String,
+        source: zookeeper_client::Error,
+    },
+    #[error("{what} of {size} bytes is over the {max}-byte limit")]
+    TooLarge {
+        what: String,
+        size: usize,
+        max: usize,
+    },
+    #[error("{path} is missing although {why}")]
+    Inconsistent { path: String, why: &'static str },
 }
 
 /// A parsed `zk://HOST:PORT[,HOST:PORT...]/CHROOT`.
