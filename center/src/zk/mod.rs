@@ -72,6 +72,8 @@ mod session;
 pub mod store;
 
 #[cfg(test)]
+mod store_tests;
+#[cfg(test)]
 pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
