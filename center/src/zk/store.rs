@@ -405,9 +405,12 @@ enum Plan<T> {
         value: T,
         /// A node and the exact bytes the transaction writes to it: present after a
         /// lost answer means it was applied.
-        proof: Option<(String, Vec<u8>)>,
+        proof: Option<Proof>,
     },
 }
+
+/// A node and the exact bytes a transaction writes to it.
+type Proof = (String, Vec<u8>);
 
 /// The shared state behind a [`ZkStore`], used on its runtime.
 struct Core {
@@ -1570,7 +1573,7 @@ fn task_ops(
     external: bool,
     results: &[HostResult],
     state: StateNode,
-) -> Result<(Vec<Op>, (String, Vec<u8>)), StoreError> {
+) -> Result<(Vec<Op>, Proof), StoreError> {
     let mut ops = Vec::with_capacity(results.len() * 2 + 3);
     ops.push(Op::Create {
         path: results_dir(id),
@@ -1599,7 +1602,7 @@ fn final_task_ops(
     record: &TaskRecord,
     external: bool,
     state: StateNode,
-) -> Result<(Vec<Op>, (String, Vec<u8>)), StoreError> {
+) -> Result<(Vec<Op>, Proof), StoreError> {
     let mut record = record.clone();
     record.id = id;
     let data = encode(
@@ -2078,6 +2081,23 @@ impl Store for ZkStore {
             })
             .await
         })
+    }
+
+    /// Checked whole first (like `RedbStore`, a non-final item fails the call before
+    /// anything is written), then one `finish` transaction per item: items of one task
+    /// all count down its state node, so one multi for many would conflict with every
+    /// other center's reports.
+    fn finish_many(&self, items: Vec<(String, u64, HostOutcome)>) -> Result<Vec<bool>, StoreError> {
+        if let Some((h, t, o)) = items.iter().find(|(_, _, o)| !o.state.is_final()) {
+            return Err(StoreError::Invalid(format!(
+                "finishing {t}/{h} with the non-final state {:?}",
+                o.state
+            )));
+        }
+        items
+            .into_iter()
+            .map(|(h, t, o)| self.finish(&h, t, o))
+            .collect()
     }
 
     fn expire(&self, host: &str, task: u64, now: u64) -> Result<bool, StoreError> {

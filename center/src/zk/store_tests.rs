@@ -182,6 +182,66 @@ fn zk_store_concurrent_create_task() {
     }
 }
 
+/// Hosts of the same tasks reporting at once through two centers: every report
+/// counts down its task exactly once (the state node is compare-and-set).
+#[test]
+fn zk_store_concurrent_finish() {
+    let zk = server();
+    let stores: Vec<Arc<ZkStore>> = (0..2).map(|_| Arc::new(open(&zk, "/fleet"))).collect();
+    let hosts: Vec<String> = (0..6).map(|i| format!("h{i}")).collect();
+    let refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    let tasks: Vec<u64> = (0..5)
+        .map(|_| stores[0].create_task(new_task(&refs, 0), 1).unwrap())
+        .collect();
+    let barrier = Arc::new(Barrier::new(hosts.len()));
+    let handles: Vec<_> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let (s, h, tasks, barrier) = (
+                stores[i % 2].clone(),
+                h.clone(),
+                tasks.clone(),
+                barrier.clone(),
+            );
+            std::thread::spawn(move || {
+                barrier.wait();
+                for t in tasks {
+                    assert!(s.finish(&h, t, ok(2)).unwrap());
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    for t in tasks {
+        assert_eq!(stores[1].open_hosts(t).unwrap(), 0);
+        assert_eq!(
+            stores[1].get_task(t).unwrap().unwrap().state,
+            TaskState::Done
+        );
+    }
+    assert!(stores[0].queue_all().unwrap().is_empty());
+}
+
+/// The store rides out a server restart (same session: the client reconnects and
+/// the store retries reads and replans writes).
+#[test]
+fn zk_store_survives_server_restart() {
+    let mut zk = server();
+    let s = open(&zk, "/restart");
+    s.put_host(&host("a")).unwrap();
+    let t = s.create_task(new_task(&["a", "b"], 0), 1).unwrap();
+    zk.restart()
+        .unwrap_or_else(|e| panic!("restarting ZooKeeper: {e}"));
+    assert!(s.get_host("a").unwrap().is_some());
+    assert!(s.finish("a", t, ok(2)).unwrap());
+    let t2 = s.create_task(new_task(&["a"], 0), 3).unwrap();
+    assert!(t2 > t);
+    assert_eq!(s.queue_for("a").unwrap(), vec![(1, t2)]);
+}
+
 /// A task too large for one multi is created in stages and cancelled in several
 /// multis; a body over the inline limit goes to the chunked body nodes.
 #[test]
@@ -229,6 +289,12 @@ fn zk_store_large_task_and_body() {
         s.result(t, "host-03999").unwrap().unwrap().state,
         HostState::Cancelled
     );
+
+    // Just under the budget: one multi of ~650 KB.
+    let near: Vec<&str> = refs[..2800].to_vec();
+    let t3 = s.create_task(new_task(&near, 0), 9).unwrap();
+    assert_eq!(s.results(t3).unwrap().len(), 2800);
+    assert_eq!(s.queue_all().unwrap().len(), 2800);
 
     // A 1.5 MiB body: chunked under /bodies, read back whole.
     let body: Vec<u8> = (0..1_500_000u32).map(|i| (i % 251) as u8).collect();
