@@ -110,6 +110,11 @@
 //!
 //! Multi-center caveat: `mark_all_offline` marks *every* host offline, including those
 //! connected to other centers; a center joining a running fleet should not call it.
+//!
+//! Audit entries must never be deleted by hand: `list_audit` finds the newest ones
+//! from the child version of `/store/audit` (the count of creates) without listing
+//! it, which a delete would skew. Nor may the store be called from a task running on
+//! its own runtime (it would wait on itself); nothing does.
 
 use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
@@ -1060,15 +1065,22 @@ impl Core {
             .filter(|r| r.state == HostState::Queued)
             .map(|r| r.host.as_str())
             .collect();
-        self.queue.ensure_queues(&self.client(), queued).await?;
+        self.queue
+            .ensure_queues(&self.client(), queued.iter().copied())
+            .await?;
 
         // Size with the largest id: the paths only get shorter.
         let (probe, ..) = task_ops(u64::MAX, &record, external, &results, state)?;
         if !external && ops_size(&probe) + 2 * OP_OVERHEAD <= MULTI_BUDGET {
-            let (record, results) = (&record, &results);
+            let (record, results, queued) = (&record, &results, &queued);
             return self
                 .transact("create a task", || {
                     Box::pin(async move {
+                        // Known queue nodes are skipped; after a NoNode conflict (one
+                        // was deleted) none is known and all are recreated.
+                        self.queue
+                            .ensure_queues(&self.client(), queued.iter().copied())
+                            .await?;
                         let (id, version) = self.read_counter(TASK_COUNTER).await?;
                         let (mut ops, proof) = task_ops(id, record, false, results, state)?;
                         ops.insert(

@@ -381,6 +381,31 @@ fn zk_store_invalid_names() {
     ));
 }
 
+/// A queue node deleted behind the store's back (an empty queue may be deleted to
+/// restart its counter) is recreated: the failed transaction is replanned.
+#[test]
+fn zk_store_recreates_a_deleted_queue_node() {
+    let zk = server();
+    let s = open(&zk, "/requeue");
+    let t = s.create_task(new_task(&["q"], 0), 1).unwrap();
+    assert!(s.finish("q", t, ok(2)).unwrap());
+    let servers = zk.connect_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = zk::Client::connect(&servers)
+            .await
+            .unwrap()
+            .chroot("/requeue")
+            .unwrap();
+        c.delete("/queues/q", None).await.unwrap();
+    });
+    let t2 = s.create_task(new_task(&["q"], 0), 3).unwrap();
+    assert_eq!(s.queue_for("q").unwrap(), vec![(0, t2)]);
+}
+
 /// Corrupt or oversized values written behind the store's back are errors, never
 /// panics or huge allocations.
 #[test]
