@@ -337,6 +337,15 @@ pub enum StoreError {
     NotFound { what: &'static str, key: String },
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// A failure of the ZooKeeper backend ([`crate::zk::ZkStore`]).
+    #[error("ZooKeeper: {0}")]
+    Zk(#[source] Box<crate::zk::ZkError>),
+}
+
+impl From<crate::zk::ZkError> for StoreError {
+    fn from(e: crate::zk::ZkError) -> Self {
+        StoreError::Zk(Box::new(e))
+    }
 }
 
 impl From<redb::DatabaseError> for StoreError {
@@ -1130,10 +1139,13 @@ impl Store for RedbStore {
 }
 
 #[cfg(test)]
-mod tests {
+/// The behaviour every [`Store`] must have, as functions over `&dyn Store`, run
+/// against [`RedbStore`] here and against `zk::ZkStore` in `zk/store_tests.rs`.
+#[cfg(test)]
+pub(crate) mod conformance {
     use super::*;
 
-    fn token(id: &str, one_time: bool, expires_at: Option<u64>) -> TokenRecord {
+    pub(crate) fn token(id: &str, one_time: bool, expires_at: Option<u64>) -> TokenRecord {
         TokenRecord {
             id: id.into(),
             secret_hash: [7; 32],
@@ -1152,7 +1164,7 @@ mod tests {
         }
     }
 
-    fn host(name: &str) -> HostRecord {
+    pub(crate) fn host(name: &str) -> HostRecord {
         HostRecord {
             name: name.into(),
             fingerprint: "ab".repeat(32),
@@ -1167,7 +1179,7 @@ mod tests {
         }
     }
 
-    fn new_task(hosts: &[&str], batch: u32) -> NewTask {
+    pub(crate) fn new_task(hosts: &[&str], batch: u32) -> NewTask {
         NewTask {
             created_by: "tok1".into(),
             target: hosts.join(","),
@@ -1180,7 +1192,7 @@ mod tests {
         }
     }
 
-    fn ok(finished_at: u64) -> HostOutcome {
+    pub(crate) fn ok(finished_at: u64) -> HostOutcome {
         HostOutcome {
             state: HostState::Ok,
             exit_code: Some(0),
@@ -1195,7 +1207,7 @@ mod tests {
         }
     }
 
-    fn audit(path: &str) -> AuditEntry {
+    pub(crate) fn audit(path: &str) -> AuditEntry {
         AuditEntry {
             seq: 999,
             at: 10,
@@ -1208,7 +1220,7 @@ mod tests {
         }
     }
 
-    fn state_of(store: &RedbStore, task: u64, host: &str) -> HostState {
+    pub(crate) fn state_of(store: &dyn Store, task: u64, host: &str) -> HostState {
         store
             .results(task)
             .unwrap()
@@ -1216,6 +1228,445 @@ mod tests {
             .find(|r| r.host == host)
             .unwrap()
             .state
+    }
+
+    /// `open` opens the same store again each time it is called.
+    pub(crate) fn everything_survives_reopen(open: &dyn Fn() -> Box<dyn Store>) {
+        let (t1, t2);
+        {
+            let s = open();
+            s.put_meta("ca.key", b"secret key").unwrap();
+            s.put_token(&token("tok1", false, None)).unwrap();
+            s.put_token(&token("enr1", true, None)).unwrap();
+            s.put_host(&host("web-1")).unwrap();
+            s.put_host(&host("web-2")).unwrap();
+            t1 = s
+                .create_task(new_task(&["web-1", "web-2"], 0), 100)
+                .unwrap();
+            t2 = s.create_task(new_task(&["web-1"], 0), 101).unwrap();
+            assert!(t2 > t1);
+            assert_eq!(s.append_audit(audit("/a")).unwrap(), 1);
+            assert_eq!(s.append_audit(audit("/b")).unwrap(), 2);
+        }
+        let s = open();
+        assert_eq!(s.get_meta("ca.key").unwrap().unwrap(), b"secret key");
+        assert_eq!(s.get_meta("missing").unwrap(), None);
+        assert_eq!(
+            s.get_token("tok1").unwrap().unwrap(),
+            token("tok1", false, None)
+        );
+        let ids: Vec<_> = s.list_tokens().unwrap().into_iter().map(|t| t.id).collect();
+        assert_eq!(ids, vec!["enr1", "tok1"]);
+        assert_eq!(s.get_host("web-2").unwrap().unwrap(), host("web-2"));
+        assert_eq!(s.list_hosts().unwrap().len(), 2);
+        let task = s.get_task(t1).unwrap().unwrap();
+        assert_eq!(task.hosts, vec!["web-1", "web-2"]);
+        assert_eq!(task.created_at, 100);
+        assert_eq!(task.state, TaskState::Running);
+        assert_eq!(s.results(t1).unwrap().len(), 2);
+        let q: Vec<_> = s
+            .queue_for("web-1")
+            .unwrap()
+            .into_iter()
+            .map(|e| e.1)
+            .collect();
+        assert_eq!(q, vec![t1, t2]);
+        let audit_paths: Vec<_> = s
+            .list_audit(10)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.path)
+            .collect();
+        assert_eq!(audit_paths, vec!["/b", "/a"]);
+        // Counters continue after the restart.
+        let t3 = s.create_task(new_task(&["web-2"], 0), 102).unwrap();
+        assert!(t3 > t2);
+        assert_eq!(s.append_audit(audit("/c")).unwrap(), 3);
+        let q2 = s.queue_for("web-2").unwrap();
+        assert!(
+            q2[0].0 < q2[1].0,
+            "queue seqs increase across restarts: {q2:?}"
+        );
+        assert_eq!(
+            s.list_tasks(2)
+                .unwrap()
+                .iter()
+                .map(|t| t.id)
+                .collect::<Vec<_>>(),
+            vec![t3, t2]
+        );
+    }
+
+    /// The methods the other cases touch little: meta, replacing records, single
+    /// results, open counts, bodies, finish_many, listing limits and the audit log.
+    pub(crate) fn reads_bodies_and_audit(s: &dyn Store) {
+        assert_eq!(s.get_meta("ca.cert").unwrap(), None);
+        s.put_meta("ca.cert", b"v1").unwrap();
+        s.put_meta("ca.cert", b"v2").unwrap();
+        assert_eq!(s.get_meta("ca.cert").unwrap().unwrap(), b"v2");
+
+        s.put_token(&token("b", false, None)).unwrap();
+        s.put_token(&token("a", false, None)).unwrap();
+        let mut a = token("a", false, None);
+        a.note = "replaced".into();
+        s.put_token(&a).unwrap();
+        assert_eq!(s.get_token("a").unwrap().unwrap().note, "replaced");
+        assert_eq!(s.get_token("zz").unwrap(), None);
+        let ids: Vec<_> = s.list_tokens().unwrap().into_iter().map(|t| t.id).collect();
+        assert_eq!(ids, vec!["a", "b"]);
+
+        let mut h = host("x");
+        s.put_host(&h).unwrap();
+        h.version = "0.2.0".into();
+        s.put_host(&h).unwrap();
+        assert_eq!(s.get_host("x").unwrap().unwrap().version, "0.2.0");
+        assert_eq!(s.list_hosts().unwrap().len(), 1);
+
+        assert!(s.list_tasks(10).unwrap().is_empty());
+        let t = s.create_task(new_task(&["x", "y", "z"], 2), 10).unwrap();
+        assert_eq!(s.open_hosts(t).unwrap(), 3);
+        assert_eq!(s.open_hosts(t + 100).unwrap(), 0);
+        assert_eq!(s.result(t, "y").unwrap().unwrap().state, HostState::Queued);
+        assert_eq!(s.result(t, "z").unwrap().unwrap().state, HostState::Pending);
+        assert_eq!(s.result(t, "w").unwrap(), None);
+        assert_eq!(s.result(t + 100, "x").unwrap(), None);
+        let results = s.results(t).unwrap();
+        assert_eq!(
+            results.iter().map(|r| r.host.as_str()).collect::<Vec<_>>(),
+            vec!["x", "y", "z"]
+        );
+        assert!(results.iter().all(|r| r.task == t && r.queued_at == 10));
+        assert!(s.results(t + 100).unwrap().is_empty());
+        assert_eq!(s.get_task(t).unwrap().unwrap().body, vec![1, 2, 3]);
+        s.set_task_body(t, vec![9; 10]).unwrap();
+        let rec = s.get_task(t).unwrap().unwrap();
+        assert_eq!((rec.body, rec.summary.as_str()), (vec![9; 10], "uptime"));
+        assert!(matches!(
+            s.set_task_body(t + 100, vec![]),
+            Err(StoreError::NotFound { .. })
+        ));
+
+        let done = s
+            .finish_many(vec![
+                ("x".into(), t, ok(11)),
+                ("y".into(), t, ok(12)),
+                ("x".into(), t, ok(13)),
+            ])
+            .unwrap();
+        assert_eq!(done, vec![true, true, false]);
+        assert_eq!(s.open_hosts(t).unwrap(), 1);
+        assert_eq!(s.result(t, "x").unwrap().unwrap().finished_at, Some(11));
+        let mut running = ok(14);
+        running.state = HostState::Running;
+        assert!(matches!(
+            s.finish_many(vec![("z".into(), t, running)]),
+            Err(StoreError::Invalid(_))
+        ));
+        assert_eq!(s.queue_all().unwrap(), Vec::new(), "z is still pending");
+
+        let t2 = s.create_task(new_task(&["x"], 0), 20).unwrap();
+        let t3 = s.create_task(new_task(&["y"], 0), 21).unwrap();
+        assert!(t < t2 && t2 < t3);
+        assert!(s.list_tasks(0).unwrap().is_empty());
+        let ids: Vec<_> = s.list_tasks(2).unwrap().iter().map(|t| t.id).collect();
+        assert_eq!(ids, vec![t3, t2]);
+        assert_eq!(s.list_tasks(100).unwrap().len(), 3);
+        let all = s.queue_all().unwrap();
+        assert_eq!(
+            all.iter()
+                .map(|(h, _, t)| (h.as_str(), *t))
+                .collect::<Vec<_>>(),
+            vec![("x", t2), ("y", t3)]
+        );
+
+        for i in 1..=5u64 {
+            let mut e = audit(&format!("/p{i}"));
+            e.status = 200 + i as u16;
+            assert_eq!(s.append_audit(e).unwrap(), i);
+        }
+        assert!(s.list_audit(0).unwrap().is_empty());
+        let last = s.list_audit(3).unwrap();
+        assert_eq!(
+            last.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![5, 4, 3]
+        );
+        let mut want = audit("/p5");
+        want.seq = 5;
+        want.status = 205;
+        assert_eq!(last[0], want);
+        assert_eq!(s.list_audit(100).unwrap().len(), 5);
+    }
+
+    pub(crate) fn queue_order_per_host_across_tasks(s: &dyn Store) {
+        let a = s.create_task(new_task(&["h1", "h2"], 0), 1).unwrap();
+        let b = s.create_task(new_task(&["h2"], 0), 2).unwrap();
+        let c = s.create_task(new_task(&["h1", "h2", "h3"], 0), 3).unwrap();
+        let tasks = |h: &str| {
+            s.queue_for(h)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.1)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(tasks("h1"), vec![a, c]);
+        assert_eq!(tasks("h2"), vec![a, b, c]);
+        assert_eq!(tasks("h3"), vec![c]);
+        assert_eq!(tasks("h4"), Vec::<u64>::new());
+        // A prefix of another host's name does not leak into the range.
+        s.create_task(new_task(&["h1x"], 0), 4).unwrap();
+        assert_eq!(tasks("h1"), vec![a, c]);
+        assert_eq!(s.queue_all().unwrap().len(), 7);
+    }
+
+    pub(crate) fn finish_dequeues_and_completes(s: &dyn Store) {
+        let t = s.create_task(new_task(&["h1", "h2"], 0), 1).unwrap();
+        assert!(s.ack_delivery("h1", t).unwrap());
+        assert!(!s.ack_delivery("h1", t).unwrap(), "already delivered");
+        assert_eq!(state_of(s, t, "h1"), HostState::Delivered);
+        assert!(s.mark_running("h1", t, 5).unwrap());
+        assert_eq!(state_of(s, t, "h1"), HostState::Running);
+        assert_eq!(
+            s.queue_for("h1").unwrap().len(),
+            1,
+            "running entries stay queued"
+        );
+
+        assert!(s.finish("h1", t, ok(9)).unwrap());
+        assert!(s.queue_for("h1").unwrap().is_empty());
+        let r = s
+            .results(t)
+            .unwrap()
+            .into_iter()
+            .find(|r| r.host == "h1")
+            .unwrap();
+        assert_eq!(
+            (r.state, r.exit_code, r.started_at, r.finished_at),
+            (HostState::Ok, Some(0), Some(5), Some(9))
+        );
+        assert_eq!(r.stdout, b"up 3 days\n");
+        assert_eq!(s.get_task(t).unwrap().unwrap().state, TaskState::Running);
+        // A duplicate report is ignored.
+        assert!(!s.finish("h1", t, ok(10)).unwrap());
+
+        let mut failed = ok(11);
+        failed.state = HostState::Failed;
+        failed.exit_code = Some(2);
+        assert!(s.finish("h2", t, failed).unwrap());
+        assert_eq!(s.get_task(t).unwrap().unwrap().state, TaskState::Done);
+        assert_eq!(state_of(s, t, "h2"), HostState::Failed);
+
+        let mut bad = ok(12);
+        bad.state = HostState::Running;
+        assert!(matches!(
+            s.finish("h2", t, bad),
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(
+            s.finish("nope", t, ok(1)),
+            Err(StoreError::NotFound { .. })
+        ));
+        assert!(matches!(
+            s.ack_delivery("h1", 999),
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+
+    pub(crate) fn batch_rollout_and_release(s: &dyn Store) {
+        let t = s.create_task(new_task(&["a", "b", "c"], 1), 1).unwrap();
+        assert_eq!(state_of(s, t, "a"), HostState::Queued);
+        assert_eq!(state_of(s, t, "b"), HostState::Pending);
+        assert!(s.queue_for("b").unwrap().is_empty());
+        let released = s
+            .release(t, &["b".into(), "a".into(), "zz".into()], 7)
+            .unwrap();
+        assert_eq!(released, vec!["b"]);
+        assert_eq!(s.queue_for("b").unwrap().len(), 1);
+        assert_eq!(s.results(t).unwrap()[1].queued_at, 7);
+        for h in ["a", "b"] {
+            s.finish(h, t, ok(8)).unwrap();
+        }
+        assert_eq!(
+            s.get_task(t).unwrap().unwrap().state,
+            TaskState::Running,
+            "c is still pending"
+        );
+        s.release(t, &["c".into()], 9).unwrap();
+        s.finish("c", t, ok(10)).unwrap();
+        assert_eq!(s.get_task(t).unwrap().unwrap().state, TaskState::Done);
+    }
+
+    pub(crate) fn cancel_and_expire(s: &dyn Store) {
+        let t = s
+            .create_task(new_task(&["a", "b", "c", "d", "e"], 4), 1)
+            .unwrap();
+        let other = s.create_task(new_task(&["b"], 0), 1).unwrap();
+        s.ack_delivery("b", t).unwrap();
+        s.mark_running("c", t, 2).unwrap();
+        s.finish("d", t, ok(3)).unwrap();
+        assert!(s.expire("a", t, 4).unwrap());
+        assert!(!s.expire("a", t, 5).unwrap());
+        assert_eq!(state_of(s, t, "a"), HostState::Expired);
+        assert!(s.queue_for("a").unwrap().is_empty());
+
+        let delivered = s.cancel_task(t, 6).unwrap();
+        assert_eq!(delivered, vec!["b", "c"]);
+        let states: Vec<_> = s.results(t).unwrap().into_iter().map(|r| r.state).collect();
+        use HostState::*;
+        assert_eq!(states, vec![Expired, Cancelled, Cancelled, Ok, Cancelled]);
+        assert_eq!(s.get_task(t).unwrap().unwrap().state, TaskState::Cancelled);
+        assert!(s.queue_for("c").unwrap().is_empty());
+        assert_eq!(
+            s.queue_for("b")
+                .unwrap()
+                .iter()
+                .map(|e| e.1)
+                .collect::<Vec<_>>(),
+            vec![other]
+        );
+        // A late report after cancel is ignored; cancelling twice is harmless.
+        assert!(!s.finish("c", t, ok(7)).unwrap());
+        assert!(s.cancel_task(t, 8).unwrap().is_empty());
+        assert!(matches!(
+            s.cancel_task(12345, 8),
+            Err(StoreError::NotFound { .. })
+        ));
+        // Cancelling a finished task keeps it Done.
+        s.finish("b", other, ok(9)).unwrap();
+        s.cancel_task(other, 10).unwrap();
+        assert_eq!(s.get_task(other).unwrap().unwrap().state, TaskState::Done);
+    }
+
+    pub(crate) fn task_edge_cases(s: &dyn Store) {
+        let err = s.create_task(new_task(&["a", "a"], 0), 1).unwrap_err();
+        assert!(err.to_string().contains("host a appears twice"), "{err}");
+        let t = s.create_task(new_task(&[], 0), 1).unwrap();
+        assert_eq!(s.get_task(t).unwrap().unwrap().state, TaskState::Done);
+        assert_eq!(s.get_task(t + 1).unwrap(), None);
+    }
+
+    pub(crate) fn hosts_online_offline(s: &dyn Store) {
+        s.put_host(&host("a")).unwrap();
+        s.put_host(&host("b")).unwrap();
+        assert_eq!(s.mark_all_offline(50).unwrap(), 2);
+        assert_eq!(s.mark_all_offline(51).unwrap(), 0);
+        let a = s.get_host("a").unwrap().unwrap();
+        assert!(!a.online);
+        assert_eq!(a.offline_since, Some(50));
+        assert!(s.set_online("a", true, 60).unwrap());
+        let a = s.get_host("a").unwrap().unwrap();
+        assert!(a.online && a.offline_since.is_none() && a.last_seen == 60);
+        assert!(s.set_online("a", false, 70).unwrap());
+        assert!(s.set_online("a", false, 80).unwrap());
+        assert_eq!(
+            s.get_host("a").unwrap().unwrap().offline_since,
+            Some(70),
+            "first offline time kept"
+        );
+        assert!(s
+            .update_heartbeat("b", 90, vec![9, 9], vec!["1.2.3.4:5".into()])
+            .unwrap());
+        let b = s.get_host("b").unwrap().unwrap();
+        assert_eq!(
+            (b.last_seen, b.online, b.resources, b.addrs),
+            (90, true, Some(vec![9, 9]), vec!["1.2.3.4:5".to_string()])
+        );
+        assert!(!s.set_online("zz", true, 1).unwrap());
+        assert!(!s.update_heartbeat("zz", 1, vec![], vec![]).unwrap());
+    }
+
+    pub(crate) fn tokens_consume_revoke_expire(s: &dyn Store) {
+        s.put_token(&token("once", true, None)).unwrap();
+        s.put_token(&token("many", false, Some(100))).unwrap();
+        assert_eq!(s.consume_token("once", 1).unwrap().uses, 1);
+        assert!(matches!(
+            s.consume_token("once", 2),
+            Err(TokenUseError::AlreadyUsed(_))
+        ));
+        assert_eq!(
+            s.get_token("once").unwrap().unwrap().uses,
+            1,
+            "refusal does not count"
+        );
+        assert_eq!(s.consume_token("many", 99).unwrap().uses, 1);
+        assert_eq!(s.consume_token("many", 99).unwrap().uses, 2);
+        let err = s.consume_token("many", 100).unwrap_err();
+        assert!(matches!(err, TokenUseError::Expired(_)));
+        assert_eq!(err.to_string(), "token many has expired");
+        assert!(matches!(
+            s.consume_token("ghost", 1),
+            Err(TokenUseError::Unknown(_))
+        ));
+        assert!(s.revoke_token("many").unwrap());
+        assert!(!s.revoke_token("ghost").unwrap());
+        assert!(s.get_token("many").unwrap().unwrap().revoked);
+        assert!(matches!(
+            s.consume_token("many", 1),
+            Err(TokenUseError::Revoked(_))
+        ));
+    }
+
+    pub(crate) fn one_time_token_race(s: std::sync::Arc<dyn Store>) {
+        s.put_token(&token("once", true, None)).unwrap();
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || s.consume_token("once", 1).is_ok())
+            })
+            .collect();
+        let wins = handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|w| *w)
+            .count();
+        assert_eq!(wins, 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::conformance::{self, audit, host, new_task, ok, token};
+    use super::*;
+
+    fn redb() -> (tempfile::TempDir, RedbStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(&dir.path().join("db")).unwrap();
+        (dir, s)
+    }
+
+    macro_rules! conformance_on_redb {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[test]
+                fn $name() {
+                    let (_dir, s) = redb();
+                    conformance::$name(&s);
+                }
+            )*
+        };
+    }
+
+    conformance_on_redb!(
+        reads_bodies_and_audit,
+        queue_order_per_host_across_tasks,
+        finish_dequeues_and_completes,
+        batch_rollout_and_release,
+        cancel_and_expire,
+        task_edge_cases,
+        hosts_online_offline,
+        tokens_consume_revoke_expire,
+    );
+
+    #[test]
+    fn everything_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("center.redb");
+        conformance::everything_survives_reopen(&|| Box::new(RedbStore::open(&path).unwrap()));
+    }
+
+    #[test]
+    fn one_time_token_race() {
+        let (_dir, s) = redb();
+        conformance::one_time_token_race(std::sync::Arc::new(s));
     }
 
     #[test]
@@ -1280,323 +1731,6 @@ mod tests {
             serde_json::from_str::<AuditEntry>(&serde_json::to_string(&a).unwrap()).unwrap(),
             a
         );
-    }
-
-    #[test]
-    fn everything_survives_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("center.redb");
-        let (t1, t2);
-        {
-            let s = RedbStore::open(&path).unwrap();
-            s.put_meta("ca.key", b"secret key").unwrap();
-            s.put_token(&token("tok1", false, None)).unwrap();
-            s.put_token(&token("enr1", true, None)).unwrap();
-            s.put_host(&host("web-1")).unwrap();
-            s.put_host(&host("web-2")).unwrap();
-            t1 = s
-                .create_task(new_task(&["web-1", "web-2"], 0), 100)
-                .unwrap();
-            t2 = s.create_task(new_task(&["web-1"], 0), 101).unwrap();
-            assert!(t2 > t1);
-            assert_eq!(s.append_audit(audit("/a")).unwrap(), 1);
-            assert_eq!(s.append_audit(audit("/b")).unwrap(), 2);
-        }
-        let s = RedbStore::open(&path).unwrap();
-        assert_eq!(s.get_meta("ca.key").unwrap().unwrap(), b"secret key");
-        assert_eq!(s.get_meta("missing").unwrap(), None);
-        assert_eq!(
-            s.get_token("tok1").unwrap().unwrap(),
-            token("tok1", false, None)
-        );
-        let ids: Vec<_> = s.list_tokens().unwrap().into_iter().map(|t| t.id).collect();
-        assert_eq!(ids, vec!["enr1", "tok1"]);
-        assert_eq!(s.get_host("web-2").unwrap().unwrap(), host("web-2"));
-        assert_eq!(s.list_hosts().unwrap().len(), 2);
-        let task = s.get_task(t1).unwrap().unwrap();
-        assert_eq!(task.hosts, vec!["web-1", "web-2"]);
-        assert_eq!(task.created_at, 100);
-        assert_eq!(task.state, TaskState::Running);
-        assert_eq!(s.results(t1).unwrap().len(), 2);
-        let q: Vec<_> = s
-            .queue_for("web-1")
-            .unwrap()
-            .into_iter()
-            .map(|e| e.1)
-            .collect();
-        assert_eq!(q, vec![t1, t2]);
-        let audit_paths: Vec<_> = s
-            .list_audit(10)
-            .unwrap()
-            .into_iter()
-            .map(|a| a.path)
-            .collect();
-        assert_eq!(audit_paths, vec!["/b", "/a"]);
-        // Counters continue after the restart.
-        let t3 = s.create_task(new_task(&["web-2"], 0), 102).unwrap();
-        assert!(t3 > t2);
-        assert_eq!(s.append_audit(audit("/c")).unwrap(), 3);
-        let q2 = s.queue_for("web-2").unwrap();
-        assert!(
-            q2[0].0 < q2[1].0,
-            "queue seqs increase across restarts: {q2:?}"
-        );
-        assert_eq!(
-            s.list_tasks(2)
-                .unwrap()
-                .iter()
-                .map(|t| t.id)
-                .collect::<Vec<_>>(),
-            vec![t3, t2]
-        );
-    }
-
-    #[test]
-    fn queue_order_per_host_across_tasks() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = RedbStore::open(&dir.path().join("db")).unwrap();
-        let a = s.create_task(new_task(&["h1", "h2"], 0), 1).unwrap();
-        let b = s.create_task(new_task(&["h2"], 0), 2).unwrap();
-        let c = s.create_task(new_task(&["h1", "h2", "h3"], 0), 3).unwrap();
-        let tasks = |h: &str| {
-            s.queue_for(h)
-                .unwrap()
-                .into_iter()
-                .map(|e| e.1)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(tasks("h1"), vec![a, c]);
-        assert_eq!(tasks("h2"), vec![a, b, c]);
-        assert_eq!(tasks("h3"), vec![c]);
-        assert_eq!(tasks("h4"), Vec::<u64>::new());
-        // A prefix of another host's name does not leak into the range.
-        s.create_task(new_task(&["h1x"], 0), 4).unwrap();
-        assert_eq!(tasks("h1"), vec![a, c]);
-        assert_eq!(s.queue_all().unwrap().len(), 7);
-    }
-
-    #[test]
-    fn finish_dequeues_and_completes() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = RedbStore::open(&dir.path().join("db")).unwrap();
-        let t = s.create_task(new_task(&["h1", "h2"], 0), 1).unwrap();
-        assert!(s.ack_delivery("h1", t).unwrap());
-        assert!(!s.ack_delivery("h1", t).unwrap(), "already delivered");
-        assert_eq!(state_of(&s, t, "h1"), HostState::Delivered);
-        assert!(s.mark_running("h1", t, 5).unwrap());
-        assert_eq!(state_of(&s, t, "h1"), HostState::Running);
-        assert_eq!(
-            s.queue_for("h1").unwrap().len(),
-            1,
-            "running entries stay queued"
-        );
-
-        assert!(s.finish("h1", t, ok(9)).unwrap());
-        assert!(s.queue_for("h1").unwrap().is_empty());
-        let r = s
-            .results(t)
-            .unwrap()
-            .into_iter()
-            .find(|r| r.host == "h1")
-            .unwrap();
-        assert_eq!(
-            (r.state, r.exit_code, r.started_at, r.finished_at),
-            (HostState::Ok, Some(0), Some(5), Some(9))
-        );
-        assert_eq!(r.stdout, b"up 3 days\n");
-        assert_eq!(s.get_task(t).unwrap().unwrap().state, TaskState::Running);
-        // A duplicate report is ignored.
-        assert!(!s.finish("h1", t, ok(10)).unwrap());
-
-        let mut failed = ok(11);
-        failed.state = HostState::Failed;
-        failed.exit_code = Some(2);
-        assert!(s.finish("h2", t, failed).unwrap());
-        assert_eq!(s.get_task(t).unwrap().unwrap().state, TaskState::Done);
-        assert_eq!(state_of(&s, t, "h2"), HostState::Failed);
-
-        let mut bad = ok(12);
-        bad.state = HostState::Running;
-        assert!(matches!(
-            s.finish("h2", t, bad),
-            Err(StoreError::Invalid(_))
-        ));
-        assert!(matches!(
-            s.finish("nope", t, ok(1)),
-            Err(StoreError::NotFound { .. })
-        ));
-        assert!(matches!(
-            s.ack_delivery("h1", 999),
-            Err(StoreError::NotFound { .. })
-        ));
-    }
-
-    #[test]
-    fn batch_rollout_and_release() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = RedbStore::open(&dir.path().join("db")).unwrap();
-        let t = s.create_task(new_task(&["a", "b", "c"], 1), 1).unwrap();
-        assert_eq!(state_of(&s, t, "a"), HostState::Queued);
-        assert_eq!(state_of(&s, t, "b"), HostState::Pending);
-        assert!(s.queue_for("b").unwrap().is_empty());
-        let released = s
-            .release(t, &["b".into(), "a".into(), "zz".into()], 7)
-            .unwrap();
-        assert_eq!(released, vec!["b"]);
-        assert_eq!(s.queue_for("b").unwrap().len(), 1);
-        assert_eq!(s.results(t).unwrap()[1].queued_at, 7);
-        for h in ["a", "b"] {
-            s.finish(h, t, ok(8)).unwrap();
-        }
-        assert_eq!(
-            s.get_task(t).unwrap().unwrap().state,
-            TaskState::Running,
-            "c is still pending"
-        );
-        s.release(t, &["c".into()], 9).unwrap();
-        s.finish("c", t, ok(10)).unwrap();
-        assert_eq!(s.get_task(t).unwrap().unwrap().state, TaskState::Done);
-    }
-
-    #[test]
-    fn cancel_and_expire() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = RedbStore::open(&dir.path().join("db")).unwrap();
-        let t = s
-            .create_task(new_task(&["a", "b", "c", "d", "e"], 4), 1)
-            .unwrap();
-        let other = s.create_task(new_task(&["b"], 0), 1).unwrap();
-        s.ack_delivery("b", t).unwrap();
-        s.mark_running("c", t, 2).unwrap();
-        s.finish("d", t, ok(3)).unwrap();
-        assert!(s.expire("a", t, 4).unwrap());
-        assert!(!s.expire("a", t, 5).unwrap());
-        assert_eq!(state_of(&s, t, "a"), HostState::Expired);
-        assert!(s.queue_for("a").unwrap().is_empty());
-
-        let delivered = s.cancel_task(t, 6).unwrap();
-        assert_eq!(delivered, vec!["b", "c"]);
-        let states: Vec<_> = s.results(t).unwrap().into_iter().map(|r| r.state).collect();
-        use HostState::*;
-        assert_eq!(states, vec![Expired, Cancelled, Cancelled, Ok, Cancelled]);
-        assert_eq!(s.get_task(t).unwrap().unwrap().state, TaskState::Cancelled);
-        assert!(s.queue_for("c").unwrap().is_empty());
-        assert_eq!(
-            s.queue_for("b")
-                .unwrap()
-                .iter()
-                .map(|e| e.1)
-                .collect::<Vec<_>>(),
-            vec![other]
-        );
-        // A late report after cancel is ignored; cancelling twice is harmless.
-        assert!(!s.finish("c", t, ok(7)).unwrap());
-        assert!(s.cancel_task(t, 8).unwrap().is_empty());
-        assert!(matches!(
-            s.cancel_task(12345, 8),
-            Err(StoreError::NotFound { .. })
-        ));
-        // Cancelling a finished task keeps it Done.
-        s.finish("b", other, ok(9)).unwrap();
-        s.cancel_task(other, 10).unwrap();
-        assert_eq!(s.get_task(other).unwrap().unwrap().state, TaskState::Done);
-    }
-
-    #[test]
-    fn task_edge_cases() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = RedbStore::open(&dir.path().join("db")).unwrap();
-        let err = s.create_task(new_task(&["a", "a"], 0), 1).unwrap_err();
-        assert!(err.to_string().contains("host a appears twice"), "{err}");
-        let t = s.create_task(new_task(&[], 0), 1).unwrap();
-        assert_eq!(s.get_task(t).unwrap().unwrap().state, TaskState::Done);
-        assert_eq!(s.get_task(t + 1).unwrap(), None);
-    }
-
-    #[test]
-    fn hosts_online_offline() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = RedbStore::open(&dir.path().join("db")).unwrap();
-        s.put_host(&host("a")).unwrap();
-        s.put_host(&host("b")).unwrap();
-        assert_eq!(s.mark_all_offline(50).unwrap(), 2);
-        assert_eq!(s.mark_all_offline(51).unwrap(), 0);
-        let a = s.get_host("a").unwrap().unwrap();
-        assert!(!a.online);
-        assert_eq!(a.offline_since, Some(50));
-        assert!(s.set_online("a", true, 60).unwrap());
-        let a = s.get_host("a").unwrap().unwrap();
-        assert!(a.online && a.offline_since.is_none() && a.last_seen == 60);
-        assert!(s.set_online("a", false, 70).unwrap());
-        assert!(s.set_online("a", false, 80).unwrap());
-        assert_eq!(
-            s.get_host("a").unwrap().unwrap().offline_since,
-            Some(70),
-            "first offline time kept"
-        );
-        assert!(s
-            .update_heartbeat("b", 90, vec![9, 9], vec!["1.2.3.4:5".into()])
-            .unwrap());
-        let b = s.get_host("b").unwrap().unwrap();
-        assert_eq!(
-            (b.last_seen, b.online, b.resources, b.addrs),
-            (90, true, Some(vec![9, 9]), vec!["1.2.3.4:5".to_string()])
-        );
-        assert!(!s.set_online("zz", true, 1).unwrap());
-        assert!(!s.update_heartbeat("zz", 1, vec![], vec![]).unwrap());
-    }
-
-    #[test]
-    fn tokens_consume_revoke_expire() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = RedbStore::open(&dir.path().join("db")).unwrap();
-        s.put_token(&token("once", true, None)).unwrap();
-        s.put_token(&token("many", false, Some(100))).unwrap();
-        assert_eq!(s.consume_token("once", 1).unwrap().uses, 1);
-        assert!(matches!(
-            s.consume_token("once", 2),
-            Err(TokenUseError::AlreadyUsed(_))
-        ));
-        assert_eq!(
-            s.get_token("once").unwrap().unwrap().uses,
-            1,
-            "refusal does not count"
-        );
-        assert_eq!(s.consume_token("many", 99).unwrap().uses, 1);
-        assert_eq!(s.consume_token("many", 99).unwrap().uses, 2);
-        let err = s.consume_token("many", 100).unwrap_err();
-        assert!(matches!(err, TokenUseError::Expired(_)));
-        assert_eq!(err.to_string(), "token many has expired");
-        assert!(matches!(
-            s.consume_token("ghost", 1),
-            Err(TokenUseError::Unknown(_))
-        ));
-        assert!(s.revoke_token("many").unwrap());
-        assert!(!s.revoke_token("ghost").unwrap());
-        assert!(s.get_token("many").unwrap().unwrap().revoked);
-        assert!(matches!(
-            s.consume_token("many", 1),
-            Err(TokenUseError::Revoked(_))
-        ));
-    }
-
-    #[test]
-    fn one_time_token_race() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = std::sync::Arc::new(RedbStore::open(&dir.path().join("db")).unwrap());
-        s.put_token(&token("once", true, None)).unwrap();
-        let handles: Vec<_> = (0..8)
-            .map(|_| {
-                let s = s.clone();
-                std::thread::spawn(move || s.consume_token("once", 1).is_ok())
-            })
-            .collect();
-        let wins = handles
-            .into_iter()
-            .map(|h| h.join().unwrap())
-            .filter(|w| *w)
-            .count();
-        assert_eq!(wins, 1);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! ZooKeeper as the registration center and the per-agent ordered task queue, so that
 //! several `octo center` processes can serve one fleet (issue 5).
 //!
-//! This module holds the building blocks only; nothing in the center uses them yet.
+//! This module holds the building blocks and [`ZkStore`], the center's whole
+//! [`crate::store::Store`] on ZooKeeper (see [`store`] for its layout and atomicity);
+//! nothing in the center uses them yet.
 //! They are selected by `--registry zk://HOST:PORT[,HOST:PORT...]/CHROOT`, parsed by
 //! [`ZkUrl`].
 //!
@@ -29,6 +31,7 @@
 //! | `/queues/<host>/t<task>-<seq>`| persistent sequential | empty (the name says all)  |
 //! | `/bodies/<task>`              | persistent            | JSON body header           |
 //! | `/bodies/<task>/<n>`          | persistent            | chunk `n` of the body      |
+//! | `/store/...`                  | persistent            | [`ZkStore`]'s records      |
 //!
 //! A queue entry's name carries both the task id and the sequence number, so a
 //! consumer learns its whole queue as `(seq, task id)` pairs -- the shape of
@@ -61,15 +64,23 @@
 //!   per-host pump (`pump_queue`) becomes a [`Consumer`] per connected agent,
 //!   delivering [`QueueEntry`]s in order; `finish`/`expire`/`cancel` call
 //!   [`TaskQueue::ack_task`], and the task's last final result calls
-//!   [`TaskQueue::delete_body`]. Results and task records still need a shared home
-//!   (a later step); the queue here is only the ordered delivery.
-//! * A periodic sweep calls [`TaskQueue::sweep_orphan_bodies`] for bodies whose
-//!   producer died before enqueueing.
+//!   [`TaskQueue::delete_body`]. [`ZkStore`] does the enqueueing, dequeueing and
+//!   body storage inside its `Store` methods (results, task records and queue
+//!   entries in the same transactions; a [`Consumer`] can still watch its queues), so
+//!   the simplest wiring is `Arc::new(ZkStore::open(..)?)` in place of the
+//!   `RedbStore`. It keeps task bodies as long as their tasks: do not run
+//!   [`TaskQueue::sweep_orphan_bodies`] on a namespace a `ZkStore` uses.
+//! * With the queue used on its own (not under a `ZkStore`), a periodic sweep calls
+//!   [`TaskQueue::sweep_orphan_bodies`] for bodies whose producer died before
+//!   enqueueing.
 
 pub mod queue;
 pub mod registry;
 mod session;
+pub mod store;
 
+#[cfg(test)]
+mod store_tests;
 /// Test support: runs Debian's real ZooKeeper (standalone or a 3-node ensemble) on
 /// loopback. Public so the end-to-end tests of the `octo` binary can use it too.
 #[doc(hidden)]
@@ -80,6 +91,7 @@ mod tests;
 pub use queue::{Consumer, QueueEntry, TaskQueue};
 pub use registry::{AgentInfo, CenterInfo, Presence, PresenceEvent, Registry};
 pub use session::{SessionOptions, ZkSession};
+pub use store::{ZkStore, ZkStoreOptions};
 
 /// The client library, re-exported so callers (and the benchmark) need not depend on it.
 pub use zookeeper_client as client;
@@ -138,6 +150,30 @@ pub enum ZkError {
     BodyCorrupt { task: u64, reason: String },
     #[error("the ZooKeeper session is closed")]
     Closed,
+    #[error("starting the store's ZooKeeper runtime thread: {0}")]
+    Runtime(String),
+    #[error("{what} did not complete within {after:?} (its outcome is unknown)")]
+    TimedOut {
+        what: &'static str,
+        after: std::time::Duration,
+    },
+    #[error(
+        "{what} gave up after {attempts} attempts lost to concurrent updates or connection losses"
+    )]
+    Contention { what: &'static str, attempts: usize },
+    #[error("syncing {path} with the leader: {source}")]
+    Sync {
+        path: String,
+        source: zookeeper_client::Error,
+    },
+    #[error("{what} of {size} bytes is over the {max}-byte limit")]
+    TooLarge {
+        what: String,
+        size: usize,
+        max: usize,
+    },
+    #[error("{path} is missing although {why}")]
+    Inconsistent { path: String, why: &'static str },
 }
 
 /// A parsed `zk://HOST:PORT[,HOST:PORT...]/CHROOT`.

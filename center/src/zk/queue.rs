@@ -111,7 +111,7 @@ fn sha256_hex(data: &[u8]) -> String {
     data_encoding::HEXLOWER.encode(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
 }
 
-fn queue_path(host: &str) -> String {
+pub(crate) fn queue_path(host: &str) -> String {
     format!("{QUEUES}/{host}")
 }
 
@@ -156,8 +156,13 @@ impl TaskQueue {
         &self.session
     }
 
+    /// Forgets which queue nodes exist (one was found deleted).
+    pub(crate) fn forget_queues(&self) {
+        self.queues.lock().unwrap().clear();
+    }
+
     /// Creates the queue nodes of `hosts` not known to exist (pipelined).
-    async fn ensure_queues<'a>(
+    pub(crate) async fn ensure_queues<'a>(
         &self,
         client: &zk::Client,
         hosts: impl IntoIterator<Item = &'a str>,
