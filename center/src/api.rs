@@ -322,7 +322,8 @@ struct AgentView {
     version: String,
     fingerprint: String,
     resources: Option<octopus_agent::hostinfo::Resources>,
-    /// The center the agent has its session with (its agents' address).
+    /// The center the agent has its session with (its id in the registry: its
+    /// agents' address with `_` for `:`).
     center: Option<String>,
 }
 

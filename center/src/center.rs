@@ -238,16 +238,26 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         path: cfg.data_dir.clone(),
         source,
     })?;
-    let registry = match &cfg.registry {
+    // With a registry, everything the centers must agree on (tokens, inventory, tasks,
+    // queues, results, the CA) lives in ZooKeeper; without, in the embedded redb.
+    let (registry, store): (_, Arc<dyn Store>) = match &cfg.registry {
         Some(u) => {
             let url = crate::zk::ZkUrl::parse(u)?;
             let session =
                 crate::zk::ZkSession::connect(&url, crate::zk::SessionOptions::default()).await?;
-            Some(crate::zk::Registry::new(session))
+            let u2 = url.clone();
+            let store = tokio::task::spawn_blocking(move || {
+                crate::zk::ZkStore::open(&u2, crate::zk::ZkStoreOptions::default())
+            })
+            .await
+            .map_err(|e| CenterError::Content(format!("opening the shared store: {e}")))??;
+            (Some(crate::zk::Registry::new(session)), Arc::new(store))
         }
-        None => None,
+        None => (
+            None,
+            Arc::new(RedbStore::open(&cfg.data_dir.join("center.redb"))?),
+        ),
     };
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&cfg.data_dir.join("center.redb"))?);
     let ca = load_or_create_ca(store.as_ref())?;
     if registry.is_none() {
         // Alone, nobody is connected at start; with peers, they hold their sessions.
@@ -322,7 +332,18 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         .map_err(CenterError::Content)?;
 
     let (finish_tx, finish_rx) = mpsc::unbounded_channel();
-    let center_id = quic_addr.to_string();
+    // The registry's node name: the agents' address, made a valid name.
+    let center_id: String = quic_addr
+        .to_string()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     if let Some(r) = &registry {
         r.register_center(
             &center_id,
