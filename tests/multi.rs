@@ -148,6 +148,49 @@ fn two_centers_share_one_fleet_and_agents_fail_over() {
         assert_eq!(summary(&out)["ok"], 1, "{out}");
     }
 
+    // Copies through B reach agents connected to A: a small file through the pool
+    // (uploaded to B, fetched from B's URL), and an --async copy seeded by B (whose
+    // ticket A hands out from the shared store).
+    let small = dir.path().join("app.conf");
+    octopus_tests::write_random(&small, 100 << 10, 4);
+    let (code, out, err) = run_octo(
+        &api_b,
+        &admin,
+        &[
+            "cp",
+            "--json",
+            "--mkdir",
+            &small.display().to_string(),
+            &format!("host-1:{}/out-1/", dir.path().display()),
+        ],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        crate::md5_hex(&dir.path().join("out-1/app.conf")),
+        crate::md5_hex(&small)
+    );
+    let big = dir.path().join("pkg.bin");
+    octopus_tests::write_random(&big, 3 << 20, 5);
+    let (code, out, err) = run_octo(
+        &api_b,
+        &admin,
+        &[
+            "cp",
+            "--async",
+            "--mkdir",
+            &big.display().to_string(),
+            &format!("host-2:{}/out-2/", dir.path().display()),
+        ],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let cp_id = out.trim().to_string();
+    let (code, out, err) = run_octo(&api_b, &admin, &["task", "wait", &cp_id, "--json"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        crate::md5_hex(&dir.path().join("out-2/pkg.bin")),
+        crate::md5_hex(&big)
+    );
+
     // Kill A. Its agents learned of B in their welcome and reconnect there.
     a.kill9();
     let killed = Instant::now();

@@ -399,7 +399,12 @@ fn download(
     to: &Path,
     progress: &(dyn Fn(u64, u64) + Send + Sync),
 ) -> Result<(), String> {
-    let center = *ctx.center.lock().unwrap();
+    let current = *ctx.center.lock().unwrap();
+    let center = match pf.origin.parse::<SocketAddr>() {
+        Ok(o) if o.ip().is_unspecified() => SocketAddr::new(current.ip(), o.port()),
+        Ok(o) => o,
+        Err(_) => current,
+    };
     let url = format!("http://{center}/api/v1/files/{}?{}", pf.md5, pf.query);
     let http: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)

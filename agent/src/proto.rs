@@ -128,6 +128,10 @@ pub struct PoolFile {
     /// `exp=..&sig=..`, signed by the center at delivery: the agent asks the center
     /// at `/api/v1/files/{md5}?{query}` and follows its redirect to a pool member.
     pub query: String,
+    /// The address of the center that holds the upload (with several centers, maybe
+    /// not the one the agent is connected to); an unspecified IP means the IP the
+    /// agent reaches its center at.
+    pub origin: String,
 }
 
 /// How a task ended on a host, as the agent reports it.

@@ -513,6 +513,7 @@ async fn create_task(
                     name: p.name,
                     mode: p.mode,
                     query: String::new(),
+                    origin: inner.quic_addr.to_string(),
                 });
             }
             (None, None, Some(files)) => {
@@ -522,6 +523,7 @@ async fn create_task(
                     .await
                     .map_err(ApiError::bad_request)?;
                 spec.seed = Some(seed);
+                center::publish_seeds(&inner);
             }
             _ => {
                 return Err(ApiError::bad_request(

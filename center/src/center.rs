@@ -419,6 +419,7 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
                 .content
                 .restore_seeds(|t| task_open(st.as_ref(), t))
                 .await;
+            publish_seeds(&inner);
             let hosts: Vec<String> = inner.sessions.lock().unwrap().keys().cloned().collect();
             kick_hosts(&inner, &hosts);
         });
@@ -857,7 +858,17 @@ fn pump_queue(
         // Delivery-time parts of a copy: the seed's current ticket, a fresh URL.
         if let TaskBody::Fetch(spec) = &mut body {
             if let Some(seed) = &spec.seed {
-                match inner.content.seed_ticket(seed) {
+                // Ours, or (with several centers) the one the seeding center published.
+                let published = || {
+                    inner
+                        .store
+                        .get_meta(&format!("seed.{seed}"))
+                        .ok()
+                        .flatten()
+                        .and_then(|t| String::from_utf8(t).ok())
+                        .filter(|t| !t.is_empty())
+                };
+                match inner.content.seed_ticket(seed).or_else(published) {
                     Some(t) => spec.ticket = t,
                     // Not up yet (a restarted center restores it): wait for the kick.
                     None => continue,
@@ -945,6 +956,7 @@ pub(crate) async fn adopt_copy(
         .await
         .map_err(ApiError::bad_request)?;
     spec.seed = Some(seed.clone());
+    publish_seeds(inner);
     inner
         .store
         .set_task_body(
@@ -964,6 +976,22 @@ pub(crate) async fn adopt_copy(
         .collect();
     kick_hosts(inner, &hosts);
     Ok(seed)
+}
+
+/// With several centers, each publishes the tickets of its seeds in the shared store,
+/// so a center whose agent needs one of them can hand it out.
+pub(crate) fn publish_seeds(inner: &Inner) {
+    if inner.registry.is_none() {
+        return;
+    }
+    for (name, ticket) in inner.content.seed_tickets() {
+        if let Err(e) = inner
+            .store
+            .put_meta(&format!("seed.{name}"), ticket.as_bytes())
+        {
+            warn!(seed = name, "publishing the seed's ticket: {e}");
+        }
+    }
 }
 
 /// Whether a task is still running (unknown ones are not).

@@ -245,13 +245,23 @@ impl Content {
         }
     }
 
-    /// The current ticket of a running seed.
+    /// The current ticket of a running seed of this center.
     pub fn seed_ticket(&self, name: &str) -> Option<String> {
         self.seeds
             .lock()
             .unwrap()
             .get(name)
             .map(|h| h.ticket().encode())
+    }
+
+    /// The seeds running here and their tickets, to publish for other centers.
+    pub fn seed_tickets(&self) -> Vec<(String, String)> {
+        self.seeds
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, h)| (n.clone(), h.ticket().encode()))
+            .collect()
     }
 
     /// Seeds on disk and their task ids (`None`: no task was recorded).
