@@ -1,6 +1,7 @@
-//! Fuzz the target parser, the token parser and the signed-URL check: all take text
-//! straight from API or HTTP-pool callers. Any text must parse or give an error; a parsed target must print to text
-//! that parses back to the same target.
+//! Fuzz the text parsers fed straight by API and HTTP-pool callers: targets, tokens,
+//! CIDRs, the signed-URL check, upload paths (`cp --async`) and ZooKeeper URLs. Any
+//! text must parse or give an error; a parsed target must print to text that parses
+//! back to the same target; an accepted upload path stays relative and normal.
 
 #![no_main]
 
@@ -25,4 +26,11 @@ fuzz_target!(|data: &[u8]| {
     let (md5, sig) = s.split_at(k);
     let pk = [7u8; 32];
     assert!(octopus_agent::urlsig::verify(&pk, md5, u64::MAX, sig, 0).is_err());
+    if let Ok(p) = octopus_center::content::check_rel_path(s) {
+        assert!(p.is_relative());
+        assert!(p
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_))));
+    }
+    let _ = octopus_center::zk::ZkUrl::parse(s);
 });
