@@ -26,7 +26,7 @@ struct Fleet {
     enroll: String,
 }
 
-fn run_octo(api: &str, token: &str, args: &[&str]) -> (i32, String, String) {
+pub(crate) fn run_octo(api: &str, token: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(bin())
         .args(args)
         .env("OCTO_CENTER", api)
@@ -175,7 +175,7 @@ fn start_center(dir: &Path, listen: &str, name: &str) -> (Octo, String, String, 
 }
 
 /// The task summary line printed last by `exec --json` / `task wait --json`.
-fn summary(out: &str) -> Value {
+pub(crate) fn summary(out: &str) -> Value {
     out.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .find(|v| v["event"] == "summary")

@@ -3,30 +3,15 @@
 //! stopped by the test). If ZooKeeper cannot start, the test fails and says why.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use octopus_center::zk::testing::ZkEnsemble;
 use octopus_tests::{wait_until, Octo, Value};
 
 use crate::bin;
+use crate::control::{run_octo, summary};
 
 const T: Duration = Duration::from_secs(30);
-
-fn run_octo(api: &str, token: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin())
-        .args(args)
-        .env("OCTO_CENTER", api)
-        .env("OCTO_TOKEN", token)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run octo");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// Starts `octo center --registry URL`; returns it and its API URL.
 fn center(dir: &Path, name: &str, registry: &str) -> (Octo, String) {
@@ -61,13 +46,6 @@ fn agents(api: &str, token: &str) -> Vec<Value> {
         .as_array()
         .unwrap()
         .clone()
-}
-
-fn summary(out: &str) -> Value {
-    out.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["event"] == "summary")
-        .unwrap_or_else(|| panic!("no summary in {out}"))
 }
 
 /// Two centers on one ZooKeeper ensemble: tokens and the inventory agree, an agent

@@ -126,16 +126,7 @@ pub async fn run(
         "received {received} bytes in {} ms\n",
         started.elapsed().as_millis()
     ));
-    Ok(ExecResult {
-        exit_code: Some(0),
-        signal: None,
-        timed_out: false,
-        stdout: stdout.into_bytes(),
-        stderr: Vec::new(),
-        stdout_truncated: false,
-        stderr_truncated: false,
-        duration_ms: started.elapsed().as_millis() as u64,
-    })
+    Ok(success(stdout, started))
 }
 
 /// Seeds `spec.paths` (absolute, checked like destinations) for `spec.hold_ms` in the
@@ -171,7 +162,12 @@ pub async fn seed(spec: &crate::proto::SeedSpec, ctx: &FetchCtx) -> Result<ExecR
         tokio::time::sleep(hold).await;
         h.shutdown().await;
     });
-    Ok(ExecResult {
+    Ok(success(stdout, started))
+}
+
+/// A successful run that printed `stdout`.
+fn success(stdout: String, started: Instant) -> ExecResult {
+    ExecResult {
         exit_code: Some(0),
         signal: None,
         timed_out: false,
@@ -180,7 +176,7 @@ pub async fn seed(spec: &crate::proto::SeedSpec, ctx: &FetchCtx) -> Result<ExecR
         stdout_truncated: false,
         stderr_truncated: false,
         duration_ms: started.elapsed().as_millis() as u64,
-    })
+    }
 }
 
 /// The swarm path: the transfer engine writes into `dest`, then every file is copied

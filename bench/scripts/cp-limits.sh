@@ -5,27 +5,8 @@
 # (it includes the final MD5 pass, so it slightly understates the transfer rate).
 # Usage: bench/scripts/cp-limits.sh [SIZE_MiB] [RATE]   (RATE in octo's syntax, e.g. 20MB)
 set -euo pipefail
-cd "$(dirname "$0")/../.."
 mib=${1:-100} rate=${2:-20MB}
-cargo build --release -q -p octopus-tools
-octo=$PWD/target/release/octo
-dir=$(mktemp -d)
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
-"$octo" center --listen 127.0.0.1:0 --data-dir "$dir/center" --json >"$dir/center.out" 2>"$dir/center.log" &
-pids+=($!)
-until grep -q '"ready"' "$dir/center.out" 2>/dev/null; do sleep 0.1; done
-api=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["api"])' "$dir/center.out")
-export OCTO_CENTER=$api OCTO_TOKEN=$(cat "$dir/center/admin.token")
-enroll=$("$octo" token create --scope enroll --ttl 1h)
-start_agent() { # name, extra args...
-  local name=$1; shift
-  "$octo" agent --center "${api#http://}" --token "$enroll" --data-dir "$dir/$name" --name "$name" --json "$@" \
-    >"$dir/$name.out" 2>"$dir/$name.log" &
-  pids+=($!)
-  until grep -q '"ready"' "$dir/$name.out" 2>/dev/null; do sleep 0.1; done
-}
+source "$(dirname "$0")/local-fleet.sh"
 start_agent task-limited
 start_agent agent-limited --limit-down "$rate"
 head -c $((mib << 20)) /dev/urandom >"$dir/pkg.bin"

@@ -4,24 +4,9 @@
 # signed, and against the center's redirect endpoint. Needs wrk and curl.
 # Usage: bench/scripts/pool-wrk.sh [SECONDS] [CONNECTIONS]
 set -euo pipefail
-cd "$(dirname "$0")/../.."
 secs=${1:-10} conns=${2:-32}
-cargo build --release -q -p octopus-tools
-octo=$PWD/target/release/octo
-dir=$(mktemp -d)
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
-"$octo" center --listen 127.0.0.1:0 --data-dir "$dir/center" --json >"$dir/center.out" 2>"$dir/center.log" &
-pids+=($!)
-until grep -q '"ready"' "$dir/center.out" 2>/dev/null; do sleep 0.1; done
-api=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["api"])' "$dir/center.out")
-export OCTO_CENTER=$api OCTO_TOKEN=$(cat "$dir/center/admin.token")
-enroll=$("$octo" token create --scope enroll --ttl 1h)
-"$octo" agent --center "${api#http://}" --token "$enroll" --data-dir "$dir/agent" --name pool-1 --json \
-  >"$dir/agent.out" 2>"$dir/agent.log" &
-pids+=($!)
-until grep -q '"ready"' "$dir/agent.out" 2>/dev/null; do sleep 0.1; done
+source "$(dirname "$0")/local-fleet.sh"
+start_agent pool-1
 head -c 65536 /dev/urandom >"$dir/file.bin"
 md5=$(md5sum "$dir/file.bin" | cut -d' ' -f1)
 "$octo" cp --mkdir "$dir/file.bin" "pool-1:$dir/dest/" >/dev/null 2>&1
