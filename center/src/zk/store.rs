@@ -44,6 +44,14 @@
 //! * `finish`/`expire` store the final result, delete the host's queue entry and
 //!   count down the task's open hosts (completing it at zero) in one multi, so an
 //!   entry leaves its queue only in the transaction that stores the final result.
+//!   `finish_many` (the center's group commit) does this for all the hosts of a task
+//!   in a batch at once: one multi per [`MULTI_BUDGET`] that writes their results,
+//!   deletes their entries and counts the state node down *once* by their number.
+//!   Every report of a task counts down that one node, so closing hosts one multi
+//!   each made concurrent reports collide on its version and retry, one quorum
+//!   write (and fsync) per host; a batch of a task's reports is now one. A conflict
+//!   re-reads only what failed: the state node if the state update failed (it comes
+//!   first in the multi, so a stale state fails there), else the remaining hosts.
 //! * `cancel_task`, `release`, `ack_delivery`, `mark_running`, `set_online`, ... are
 //!   one multi each (see below for tasks too large for one).
 //!
@@ -76,6 +84,16 @@
 //! reports `false`, a one-time token `AlreadyUsed`: never a double spend). Appending
 //! to the audit log is a plain sequential create and is at least once under
 //! connection loss.
+//!
+//! # Reading many nodes
+//!
+//! Reads of many nodes (a task's results, the queues of the hosts being closed, a
+//! listing's records) go in ZooKeeper multi-reads of `READ_BATCH` (256) nodes: one
+//! request and one answer for the server to handle instead of one per node, about
+//! ten times faster than pipelining single reads (`results()` of 1,000 hosts: 85 ms
+//! to 6 ms in a debug build). `jute.maxbuffer` bounds requests, not answers, so a
+//! batch of results with full outputs (up to about 36 MB) is still answered; the
+//! tests read 40 results of 128 KiB in one.
 //!
 //! # Calling async from the synchronous trait
 //!
@@ -2412,7 +2430,7 @@ impl Store for ZkStore {
     /// are grouped by task, and each task's hosts are closed together: one multi per
     /// [`MULTI_BUDGET`] that writes the results, deletes the queue entries and counts
     /// the task's state node down once by the number of hosts it closes (see
-    /// [`Core::close_group`]). A batch of 1,000 reports is then one quorum write,
+    /// `Core::close_group`). A batch of 1,000 reports is then one quorum write,
     /// not 1,000 that all collide on one state node. Unlike `RedbStore`, a batch
     /// spanning several multis (several tasks, or results too large for one) is not
     /// one transaction: if a later multi fails, the earlier ones stay committed (an
