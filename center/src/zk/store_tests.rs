@@ -225,6 +225,170 @@ fn zk_store_concurrent_finish() {
     assert!(stores[0].queue_all().unwrap().is_empty());
 }
 
+/// The committer's group commit on one task of 1,000 hosts: one center closes 500
+/// hosts in one `finish_many` while another closes 499 others in batches of 50. Every
+/// host is closed once, the task stays `Running` with one host open, and becomes
+/// `Done` with the last report. Prints the time of the fan-out's store calls.
+#[test]
+fn zk_store_finish_many_one_task_two_centers() {
+    let zk = server();
+    let a = Arc::new(open(&zk, "/fleet"));
+    let b = Arc::new(open(&zk, "/fleet"));
+    let hosts: Vec<String> = (0..1000).map(|i| format!("h{i:04}")).collect();
+    let refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    let clock = Instant::now();
+    let t = a.create_task(new_task(&refs, 0), 1).unwrap();
+    eprintln!("create_task, 1000 hosts: {:?}", clock.elapsed());
+
+    let clock = Instant::now();
+    assert_eq!(b.results(t).unwrap().len(), 1000);
+    eprintln!("results, 1000 hosts: {:?}", clock.elapsed());
+    let clock = Instant::now();
+    for h in &refs[..100] {
+        assert_eq!(b.queue_for(h).unwrap().len(), 1);
+    }
+    eprintln!("queue_for, 100 hosts one by one: {:?}", clock.elapsed());
+    let clock = Instant::now();
+    assert_eq!(b.get_task(t).unwrap().unwrap().hosts.len(), 1000);
+    assert_eq!(b.open_hosts(t).unwrap(), 1000);
+    eprintln!("get_task + open_hosts: {:?}", clock.elapsed());
+
+    let barrier = Arc::new(Barrier::new(2));
+    let batch = |range: std::ops::Range<usize>, at: u64| -> Vec<(String, u64, _)> {
+        hosts[range]
+            .iter()
+            .map(|h| (h.clone(), t, ok(at)))
+            .collect()
+    };
+    let (one, many) = (batch(0..500, 2), batch(500..999, 3));
+    let (sa, ba) = (a.clone(), barrier.clone());
+    let first = std::thread::spawn(move || {
+        ba.wait();
+        let clock = Instant::now();
+        let done = sa.finish_many(one).unwrap();
+        eprintln!("finish_many of 500 (racing): {:?}", clock.elapsed());
+        done
+    });
+    let (sb, bb) = (b.clone(), barrier);
+    let second = std::thread::spawn(move || {
+        bb.wait();
+        let clock = Instant::now();
+        let mut done = Vec::new();
+        for chunk in many.chunks(50) {
+            done.extend(sb.finish_many(chunk.to_vec()).unwrap());
+        }
+        eprintln!("finish_many of 499 in 10 (racing): {:?}", clock.elapsed());
+        done
+    });
+    let (d1, d2) = (first.join().unwrap(), second.join().unwrap());
+    assert!(d1.len() == 500 && d1.iter().all(|d| *d));
+    assert!(d2.len() == 499 && d2.iter().all(|d| *d));
+
+    assert_eq!(a.open_hosts(t).unwrap(), 1);
+    assert_eq!(b.get_task(t).unwrap().unwrap().state, TaskState::Running);
+    let results = a.results(t).unwrap();
+    let open: Vec<&str> = results
+        .iter()
+        .filter(|r| !r.state.is_final())
+        .map(|r| r.host.as_str())
+        .collect();
+    assert_eq!(open, ["h0999"]);
+    let at = |r: &crate::store::HostResult| r.finished_at;
+    assert!(results[..500].iter().all(|r| at(r) == Some(2)));
+    assert!(results[500..999].iter().all(|r| at(r) == Some(3)));
+    let queued = b.queue_all().unwrap();
+    assert_eq!(
+        queued
+            .iter()
+            .map(|(h, _, q)| (h.as_str(), *q))
+            .collect::<Vec<_>>(),
+        [("h0999", t)]
+    );
+
+    // The last host, with a duplicate of an earlier one and of itself in the batch.
+    let done = b
+        .finish_many(vec![
+            ("h0000".into(), t, ok(4)),
+            ("h0999".into(), t, ok(5)),
+            ("h0999".into(), t, ok(6)),
+        ])
+        .unwrap();
+    assert_eq!(done, [false, true, false]);
+    assert_eq!(a.result(t, "h0999").unwrap().unwrap().finished_at, Some(5));
+    assert_eq!(a.result(t, "h0000").unwrap().unwrap().finished_at, Some(2));
+    assert_eq!(a.open_hosts(t).unwrap(), 0);
+    assert_eq!(a.get_task(t).unwrap().unwrap().state, TaskState::Done);
+    assert!(a.queue_all().unwrap().is_empty());
+}
+
+/// A batch over several tasks and results too large for one multi: split by the
+/// budget, every state counted down by exactly its hosts; and an unknown result in a
+/// batch fails it before anything is written.
+#[test]
+fn zk_store_finish_many_split_and_checked_first() {
+    let zk = server();
+    let s = open(&zk, "/split");
+    let hosts: Vec<String> = (0..40).map(|i| format!("h{i}")).collect();
+    let refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    let big = s.create_task(new_task(&refs, 0), 1).unwrap();
+    let small = s.create_task(new_task(&refs[..3], 0), 1).unwrap();
+    assert!(matches!(
+        s.finish_many(vec![
+            ("h1".into(), small, ok(2)),
+            ("nobody".into(), small, ok(2)),
+        ]),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        s.finish_many(vec![("h1".into(), small, ok(2)), ("h1".into(), 999, ok(2))]),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(s.open_hosts(small).unwrap(), 3, "nothing written");
+    assert_eq!(s.queue_for("h1").unwrap().len(), 2);
+
+    // 40 results of 2 x 64 KiB: several multis for one task.
+    let mut items = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let mut o = ok(10 + i as u64);
+        o.stdout = vec![b'o'; OUTPUT_MAX];
+        o.stderr = vec![b'e'; OUTPUT_MAX];
+        items.push((h.clone(), big, o));
+        if i < 2 {
+            items.push((h.clone(), small, ok(3)));
+        }
+    }
+    let done = s.finish_many(items).unwrap();
+    assert_eq!(done.len(), 42);
+    assert!(done.iter().all(|d| *d));
+    assert_eq!(s.open_hosts(big).unwrap(), 0);
+    assert_eq!(s.get_task(big).unwrap().unwrap().state, TaskState::Done);
+    assert_eq!(s.open_hosts(small).unwrap(), 1);
+    assert_eq!(
+        s.get_task(small).unwrap().unwrap().state,
+        TaskState::Running
+    );
+    let results = s.results(big).unwrap();
+    assert!(results
+        .iter()
+        .all(|r| r.stdout.len() == OUTPUT_MAX && r.state.is_final()));
+    assert_eq!(
+        s.queue_all()
+            .unwrap()
+            .into_iter()
+            .map(|(h, _, t)| (h, t))
+            .collect::<Vec<_>>(),
+        [("h2".to_string(), small)]
+    );
+    assert!(s.expire("h2", small, 20).unwrap());
+    assert!(!s.expire("h2", small, 21).unwrap());
+    assert_eq!(
+        s.result(small, "h2").unwrap().unwrap().state,
+        HostState::Expired
+    );
+    assert_eq!(s.get_task(small).unwrap().unwrap().state, TaskState::Done);
+    assert!(s.queue_all().unwrap().is_empty());
+}
+
 /// The store rides out a server restart (same session: the client reconnects and
 /// the store retries reads and replans writes).
 #[test]
