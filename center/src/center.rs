@@ -834,18 +834,21 @@ fn pump_queue(
             continue;
         };
         let expires_at = cached.1;
-        let state = inner
-            .store
-            .result(task, host)
-            .ok()
-            .flatten()
-            .map(|r| r.state);
-        let running = inner
-            .running
-            .lock()
-            .unwrap()
-            .contains(&(task, host.to_string()));
-        if state == Some(HostState::Queued) && now > expires_at && !running {
+        // The host's state is read only for a task past its TTL (one read fewer per
+        // host and delivery, which counts with a shared store).
+        let expired = now > expires_at
+            && !inner
+                .running
+                .lock()
+                .unwrap()
+                .contains(&(task, host.to_string()))
+            && inner
+                .store
+                .result(task, host)
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.state == HostState::Queued);
+        if expired {
             // Never delivered and too old: the TTL applies only to what has not
             // reached the agent.
             if inner.store.expire(host, task, now).is_ok() {
