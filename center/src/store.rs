@@ -128,6 +128,25 @@ pub struct TokenRecord {
     pub note: String,
 }
 
+impl TokenRecord {
+    /// The one rule for using a token, shared by every store: refuses a revoked,
+    /// expired (`expires_at <= now`) or already used one-time token, else counts the
+    /// use. Stores call it inside the transaction that writes the record back.
+    pub fn spend(&mut self, now: u64) -> Result<(), TokenUseError> {
+        if self.revoked {
+            return Err(TokenUseError::Revoked(self.id.clone()));
+        }
+        if self.expires_at.is_some_and(|at| at <= now) {
+            return Err(TokenUseError::Expired(self.id.clone()));
+        }
+        if self.one_time && self.uses > 0 {
+            return Err(TokenUseError::AlreadyUsed(self.id.clone()));
+        }
+        self.uses = self.uses.saturating_add(1);
+        Ok(())
+    }
+}
+
 /// An enrolled agent host.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct HostRecord {
@@ -251,6 +270,23 @@ pub struct HostResult {
     pub queued_at: u64,
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,
+}
+
+impl HostResult {
+    /// Takes a final outcome, as every store's `finish` does; the start time is kept
+    /// when the outcome has none.
+    pub fn apply(&mut self, o: HostOutcome) {
+        self.state = o.state;
+        self.exit_code = o.exit_code;
+        self.signal = o.signal;
+        self.stdout = o.stdout;
+        self.stderr = o.stderr;
+        self.stdout_truncated = o.stdout_truncated;
+        self.stderr_truncated = o.stderr_truncated;
+        self.error = o.error;
+        self.started_at = o.started_at.or(self.started_at);
+        self.finished_at = Some(o.finished_at);
+    }
 }
 
 /// What an agent reports when a task ends on its host; see [`Store::finish`].
@@ -568,16 +604,7 @@ fn finish_in(
     if r.state.is_final() {
         return Ok(false);
     }
-    r.state = outcome.state;
-    r.exit_code = outcome.exit_code;
-    r.signal = outcome.signal;
-    r.stdout = outcome.stdout;
-    r.stderr = outcome.stderr;
-    r.stdout_truncated = outcome.stdout_truncated;
-    r.stderr_truncated = outcome.stderr_truncated;
-    r.error = outcome.error;
-    r.started_at = outcome.started_at.or(r.started_at);
-    r.finished_at = Some(outcome.finished_at);
+    r.apply(outcome);
     put_result(tx, &r)?;
     dequeue(tx, host, task)?;
     close_one(tx, task)?;
@@ -749,16 +776,7 @@ impl Store for RedbStore {
                 Some(v) => decode("tokens", v.value())?,
                 None => return Err(TokenUseError::Unknown(id.to_string())),
             };
-            if token.revoked {
-                return Err(TokenUseError::Revoked(id.to_string()));
-            }
-            if token.expires_at.is_some_and(|at| at <= now) {
-                return Err(TokenUseError::Expired(id.to_string()));
-            }
-            if token.one_time && token.uses > 0 {
-                return Err(TokenUseError::AlreadyUsed(id.to_string()));
-            }
-            token.uses = token.uses.saturating_add(1);
+            token.spend(now)?;
             t.insert(id, encode("tokens", &token)?.as_slice())
                 .map_err(StoreError::from)?;
             Ok(token)

@@ -960,16 +960,7 @@ impl Core {
                     return Err(TokenUseError::Unknown(id.to_string()));
                 };
                 let mut token: TokenRecord = decode("tokens", path, &data, TOKEN_MAX)?;
-                if token.revoked {
-                    return Err(TokenUseError::Revoked(id.to_string()));
-                }
-                if token.expires_at.is_some_and(|at| at <= now) {
-                    return Err(TokenUseError::Expired(id.to_string()));
-                }
-                if token.one_time && token.uses > 0 {
-                    return Err(TokenUseError::AlreadyUsed(id.to_string()));
-                }
-                token.uses = token.uses.saturating_add(1);
+                token.spend(now)?;
                 let data = encode("tokens", &token)?;
                 Ok(Plan::Commit {
                     ops: vec![Op::Set {
@@ -1897,18 +1888,7 @@ impl Closing {
     /// Moves a non-final result to its final state (as `RedbStore` does).
     fn apply(&self, r: &mut HostResult) {
         match self {
-            Closing::Finish(o) => {
-                r.state = o.state;
-                r.exit_code = o.exit_code;
-                r.signal = o.signal;
-                r.stdout = o.stdout.clone();
-                r.stderr = o.stderr.clone();
-                r.stdout_truncated = o.stdout_truncated;
-                r.stderr_truncated = o.stderr_truncated;
-                r.error = o.error.clone();
-                r.started_at = o.started_at.or(r.started_at);
-                r.finished_at = Some(o.finished_at);
-            }
+            Closing::Finish(o) => r.apply(o.clone()),
             Closing::Expire { now } => {
                 r.state = HostState::Expired;
                 r.finished_at = Some(*now);
