@@ -517,13 +517,7 @@ async fn create_task(
                 });
             }
             (None, None, Some(files)) => {
-                let seed = inner
-                    .content
-                    .create_seed(&files)
-                    .await
-                    .map_err(ApiError::bad_request)?;
-                spec.seed = Some(seed);
-                center::publish_seeds(&inner);
+                spec.seed = Some(center::new_seed(&inner, &files).await?);
             }
             _ => {
                 return Err(ApiError::bad_request(

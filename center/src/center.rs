@@ -419,7 +419,9 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
                 .content
                 .restore_seeds(|t| task_open(st.as_ref(), t))
                 .await;
-            publish_seeds(&inner);
+            for name in inner.content.seed_names() {
+                publish_seed(&inner, &name);
+            }
             let hosts: Vec<String> = inner.sessions.lock().unwrap().keys().cloned().collect();
             kick_hosts(&inner, &hosts);
         });
@@ -953,13 +955,8 @@ pub(crate) async fn adopt_copy(
             "task {id} already takes its content from the center"
         )));
     }
-    let seed = inner
-        .content
-        .create_seed(files)
-        .await
-        .map_err(ApiError::bad_request)?;
+    let seed = new_seed(inner, files).await?;
     spec.seed = Some(seed.clone());
-    publish_seeds(inner);
     inner
         .store
         .set_task_body(
@@ -981,19 +978,32 @@ pub(crate) async fn adopt_copy(
     Ok(seed)
 }
 
-/// With several centers, each publishes the tickets of its seeds in the shared store,
-/// so a center whose agent needs one of them can hand it out.
-pub(crate) fn publish_seeds(inner: &Inner) {
-    if inner.registry.is_none() {
+/// Starts seeding uploaded files for a copy and publishes the seed (see
+/// [`publish_seed`]); returns its name.
+pub(crate) async fn new_seed(
+    inner: &Inner,
+    files: &[crate::content::UploadedFile],
+) -> Result<String, crate::api::ApiError> {
+    let seed = inner
+        .content
+        .create_seed(files)
+        .await
+        .map_err(crate::api::ApiError::bad_request)?;
+    publish_seed(inner, &seed);
+    Ok(seed)
+}
+
+/// With several centers, a center publishes the ticket of each seed it runs in the
+/// shared store, so a center whose agent needs it can hand it out.
+fn publish_seed(inner: &Inner, name: &str) {
+    let (Some(_), Some(ticket)) = (&inner.registry, inner.content.seed_ticket(name)) else {
         return;
-    }
-    for (name, ticket) in inner.content.seed_tickets() {
-        if let Err(e) = inner
-            .store
-            .put_meta(&format!("seed.{name}"), ticket.as_bytes())
-        {
-            warn!(seed = name, "publishing the seed's ticket: {e}");
-        }
+    };
+    if let Err(e) = inner
+        .store
+        .put_meta(&format!("seed.{name}"), ticket.as_bytes())
+    {
+        warn!(seed = name, "publishing the seed's ticket: {e}");
     }
 }
 

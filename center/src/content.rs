@@ -254,14 +254,9 @@ impl Content {
             .map(|h| h.ticket().encode())
     }
 
-    /// The seeds running here and their tickets, to publish for other centers.
-    pub fn seed_tickets(&self) -> Vec<(String, String)> {
-        self.seeds
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(n, h)| (n.clone(), h.ticket().encode()))
-            .collect()
+    /// The seeds running here.
+    pub fn seed_names(&self) -> Vec<String> {
+        self.seeds.lock().unwrap().keys().cloned().collect()
     }
 
     /// Seeds on disk and their task ids (`None`: no task was recorded).
