@@ -19,13 +19,12 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use octopus_transfer::manifest::{hex, md5_file};
+use octopus_transfer::manifest::hex;
 use serde_json::{json, Value};
 
 use crate::ctl::{Client, Conn};
 use crate::swarm_bench::{
-    build_topology, ip_of, kill_all, sharer_tx_bytes, write_random_file, Args, CpuTimes, Line,
-    Proc, Procs,
+    ip_of, kill_all, prepare, sharer_tx_bytes, Args, CpuTimes, Line, Proc, Procs,
 };
 
 const CENTER_PORT: u16 = 7070;
@@ -51,21 +50,8 @@ pub fn bench_managed(args: &Args, octo: &Path, dir: &Path, stop: &AtomicBool) ->
             eprintln!("{s}");
         }
     };
-    let src_dir = dir.join("src");
-    fs::create_dir_all(&src_dir)?;
-    let src = src_dir.join("content.bin");
-    say(format!(
-        "generating {} bytes in {}",
-        args.size,
-        src.display()
-    ));
-    write_random_file(&src, args.size)?;
-    let want = hex(&md5_file(&src).context("hashing the source")?);
-    say(format!(
-        "building 1 + {n} namespaces, {} bit/s each way per host",
-        args.rate * 8
-    ));
-    let _topo = build_topology(n, args.rate, args.keep)?;
+    let (src, want, _topo) = prepare(args, dir, say)?;
+    let want = hex(&want);
     let (tx, rx) = mpsc::channel();
     let mut procs = Procs(Vec::new());
     let filter = args.log.as_deref();

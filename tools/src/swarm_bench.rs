@@ -448,14 +448,13 @@ fn bench(args: Args, stop: &AtomicBool) -> Result<()> {
     }
 }
 
-/// Runs one bench; Ok(false) when a host failed or a copy mismatched.
-fn bench_in(args: &Args, octo: &Path, dir: &Path, stop: &AtomicBool) -> Result<bool> {
-    let n = args.hosts;
-    let say = |s: String| {
-        if !args.json {
-            eprintln!("{s}");
-        }
-    };
+/// Both benches' start: fresh content in `dir/src/content.bin` (and its MD5), then
+/// the namespaces and shaped links, torn down when the returned topology drops.
+pub(crate) fn prepare(
+    args: &Args,
+    dir: &Path,
+    say: impl Fn(String),
+) -> Result<(PathBuf, octopus_transfer::manifest::Md5Sum, Topology)> {
     let src_dir = dir.join("src");
     fs::create_dir_all(&src_dir)?;
     let src = src_dir.join("content.bin");
@@ -466,12 +465,24 @@ fn bench_in(args: &Args, octo: &Path, dir: &Path, stop: &AtomicBool) -> Result<b
     ));
     write_random_file(&src, args.size)?;
     let want = md5_file(&src).context("hashing the source")?;
-
     say(format!(
-        "building 1 + {n} namespaces on bridge {BRIDGE}, {} bit/s each way per host",
+        "building 1 + {} namespaces on bridge {BRIDGE}, {} bit/s each way per host",
+        args.hosts,
         args.rate * 8
     ));
-    let _topo = build_topology(n, args.rate, args.keep)?;
+    let topo = build_topology(args.hosts, args.rate, args.keep)?;
+    Ok((src, want, topo))
+}
+
+/// Runs one bench; Ok(false) when a host failed or a copy mismatched.
+fn bench_in(args: &Args, octo: &Path, dir: &Path, stop: &AtomicBool) -> Result<bool> {
+    let n = args.hosts;
+    let say = |s: String| {
+        if !args.json {
+            eprintln!("{s}");
+        }
+    };
+    let (src, want, _topo) = prepare(args, dir, say)?;
 
     let (tx, rx) = mpsc::channel();
     let mut procs = Procs(Vec::new());
