@@ -273,6 +273,25 @@ pub struct HostResult {
 }
 
 impl HostResult {
+    /// A host's result as a task is created: `Queued` or `Pending`, nothing run yet.
+    pub fn new(task: u64, host: String, state: HostState, queued_at: u64) -> HostResult {
+        HostResult {
+            task,
+            host,
+            state,
+            exit_code: None,
+            signal: None,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            error: None,
+            queued_at,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
     /// Takes a final outcome, as every store's `finish` does; the start time is kept
     /// when the outcome has none.
     pub fn apply(&mut self, o: HostOutcome) {
@@ -901,24 +920,7 @@ impl Store for RedbStore {
                 } else {
                     HostState::Pending
                 };
-                put_result(
-                    tx,
-                    &HostResult {
-                        task: id,
-                        host: host.clone(),
-                        state,
-                        exit_code: None,
-                        signal: None,
-                        stdout: Vec::new(),
-                        stderr: Vec::new(),
-                        stdout_truncated: false,
-                        stderr_truncated: false,
-                        error: None,
-                        queued_at: now,
-                        started_at: None,
-                        finished_at: None,
-                    },
-                )?;
+                put_result(tx, &HostResult::new(id, host.clone(), state, now))?;
             }
             tx.open_table(OPEN)?
                 .insert(id, encode("open", &(record.hosts.len() as u64))?.as_slice())?;

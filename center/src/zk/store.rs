@@ -1104,24 +1104,13 @@ impl Core {
             .hosts
             .iter()
             .enumerate()
-            .map(|(i, host)| HostResult {
-                task: 0,
-                host: host.clone(),
-                state: if i < first {
+            .map(|(i, host)| {
+                let state = if i < first {
                     HostState::Queued
                 } else {
                     HostState::Pending
-                },
-                exit_code: None,
-                signal: None,
-                stdout: Vec::new(),
-                stderr: Vec::new(),
-                stdout_truncated: false,
-                stderr_truncated: false,
-                error: None,
-                queued_at: now,
-                started_at: None,
-                finished_at: None,
+                };
+                HostResult::new(0, host.clone(), state, now)
             })
             .collect();
         let state = StateNode {
