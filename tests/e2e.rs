@@ -11,6 +11,7 @@ use octopus_transfer::manifest::{hex, md5_file, ContentId};
 use octopus_transfer::ticket::Ticket;
 
 mod control;
+mod fleet;
 mod multi;
 
 const T: Duration = Duration::from_secs(60);

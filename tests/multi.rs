@@ -9,7 +9,7 @@ use octopus_center::zk::testing::ZkEnsemble;
 use octopus_tests::{wait_until, Octo, Value};
 
 use crate::bin;
-use crate::control::{run_octo, summary};
+use crate::fleet::{run_octo, summary};
 
 const T: Duration = Duration::from_secs(30);
 
