@@ -103,11 +103,16 @@ pub fn mkdirs_at(base: &OwnedFd, rel: &Path, mode: u32, shown: &Path) -> io::Res
             )));
         };
         at.push(n);
-        match rfs::mkdirat(&fd, n, Mode::from_raw_mode(mode)) {
-            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        let made = match rfs::mkdirat(&fd, n, Mode::from_raw_mode(mode)) {
+            Ok(()) => true,
+            Err(rustix::io::Errno::EXIST) => false,
             Err(e) => return Err(errno(e)),
-        }
+        };
         fd = open_dir_at(&fd, n, &at)?;
+        if made {
+            // Exactly `mode`, whatever the umask.
+            rfs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(errno)?;
+        }
     }
     Ok(fd)
 }
