@@ -82,10 +82,11 @@ fn victim(dir: &Path) -> PathBuf {
 fn assert_victim_untouched(v: &Path) {
     let m = std::fs::symlink_metadata(v).unwrap();
     assert!(m.is_file());
-    assert_eq!(
-        std::fs::read(v).unwrap(),
-        b"root's own configuration\n",
-        "the victim was overwritten through a planted link"
+    let now = std::fs::read(v).unwrap();
+    assert!(
+        now == b"root's own configuration\n",
+        "the victim was overwritten through a planted link ({} bytes now)",
+        now.len()
     );
     assert_eq!((m.uid(), m.gid()), (0, 0), "the victim was chowned");
     assert_eq!(m.mode() & 0o7777, 0o644, "the victim was chmodded");
@@ -411,4 +412,62 @@ fn data_directories_are_private_tightened_at_start_and_never_links() {
     let said = format!("{:?}{}", o.drain().to_vec(), o.stderr());
     assert!(said.contains("owned by uid 65534"), "{said}");
     assert!(std::fs::read_dir(&foreign).unwrap().next().is_none());
+}
+
+#[test]
+fn a_pool_copy_onto_a_disk_that_fills_mid_write_fails_cleanly_and_the_rerun_completes() {
+    // The pool path writes the destination as a stream: on a disk smaller than the file
+    // the first bytes land and a later write fails.
+    let f = Fleet::start(1);
+    let src = f.dir.path().join("pkg.bin");
+    octopus_tests::write_random(&src, 24 << 20, 15);
+    let mnt = f.dir.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "octo-test"])
+        .arg(&mnt)
+        .status()
+        .expect("mount");
+    assert!(
+        st.success(),
+        "these tests run as root and need to mount a tmpfs"
+    );
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Umount(mnt.clone());
+    let dest = mnt.join("pkg.bin");
+    let args = [
+        "--json",
+        "--hot",
+        &src.display().to_string(),
+        &format!("host-1:{}", dest.display()),
+    ];
+    let (code, out, err) = cp(&f, &args);
+    assert_ne!(code, 0, "{out}\n{err}");
+    let said = format!("{out}{err}");
+    assert!(said.contains("No space left on device"), "{said}");
+    // Nothing half-written: no destination and no temporary file.
+    let left: Vec<_> = std::fs::read_dir(&mnt)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let st = Command::new("mount")
+        .args(["-o", "remount,size=64m"])
+        .arg(&mnt)
+        .status()
+        .expect("mount");
+    assert!(st.success());
+    let (code, out, err) = cp(&f, &args);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(crate::md5_hex(&dest), crate::md5_hex(&src));
+    // The verified download was kept (in the agent's cache): nothing moved again.
+    let s = crate::fleet::summary(&out);
+    let stdout = s["task"]["hosts"][0]["stdout"].as_str().unwrap_or_default();
+    assert!(stdout.contains("received 0 bytes"), "{s}");
 }
