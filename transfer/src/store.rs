@@ -8,9 +8,14 @@
 //!   was `fallocate`d up front: a full disk is reported before the transfer starts,
 //!   and writes never grow memory, whatever the file size.
 //! - The staging area lives beside the destination (same filesystem, so `rename(2)`
-//!   is atomic) as `.octo-<content id>.partial/`, holding the manifest, the staging
-//!   files and `verified`, one byte per piece. A killed `octo get` finds it again and
-//!   fetches only what is not verified. Claimed pieces are re-hashed on resume, so a
+//!   is atomic) as `.octo-<key>-<random>.partial/`, holding the manifest, the staging
+//!   files and `verified`, one byte per piece. A killed `octo get` finds it again by
+//!   the key (content and destination) and fetches only what is not verified.
+//! - The destination's directory may belong to someone else (an agent writes as root
+//!   into `/home/deploy`): the staging area is created 0700 under a random name and
+//!   resumed only if it is a real directory of ours with mode 0700, and every file is
+//!   reached through directory descriptors opened `O_NOFOLLOW` ([`crate::safefs`]),
+//!   with mode and owner set on the open file before `renameat`. Claimed pieces are re-hashed on resume, so a
 //!   crash between a write and its record cannot smuggle in bad bytes.
 //! - Nothing is visible at the destination until every file passed its whole-file
 //!   MD5; then each file is renamed into place with its mode already applied.
