@@ -336,6 +336,29 @@ pub fn remove_flat_dir_at(dir: &OwnedFd, name: &OsStr, inner: &OwnedFd) -> io::R
     }
 }
 
+/// Up to `max` names in `dir` that start with `prefix` and end with `suffix`: the
+/// directory may be someone else's, so nothing else is kept.
+pub fn names_matching(
+    dir: &OwnedFd,
+    prefix: &str,
+    suffix: &str,
+    max: usize,
+) -> io::Result<Vec<std::ffi::OsString>> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = Vec::new();
+    for e in rfs::Dir::read_from(dir).map_err(errno)? {
+        let e = e.map_err(errno)?;
+        let n = e.file_name().to_bytes();
+        if n.starts_with(prefix.as_bytes()) && n.ends_with(suffix.as_bytes()) {
+            out.push(OsStr::from_bytes(n).to_os_string());
+            if out.len() >= max {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Names in a directory (without `.` and `..`).
 pub fn list_dir(dir: &OwnedFd) -> io::Result<Vec<std::ffi::OsString>> {
     use std::os::unix::ffi::OsStrExt;

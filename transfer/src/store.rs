@@ -368,11 +368,10 @@ impl PartialStore {
         let base_fd = safefs::open_dir(&base).map_err(io_err("opening", &base))?;
         let encoded = manifest.encode();
         let mut resumed = None;
-        for name in safefs::list_dir(&base_fd).map_err(io_err("listing", &base))? {
-            let text = name.to_string_lossy();
-            if !(text.starts_with(&dest.prefix) && text.ends_with(".partial")) {
-                continue;
-            }
+        // A few candidates at most: the directory may be a user's, full of decoys.
+        for name in safefs::names_matching(&base_fd, &dest.prefix, ".partial", 16)
+            .map_err(io_err("listing", &base))?
+        {
             match safefs::open_private_dir_at(&base_fd, &name) {
                 Ok(Some(fd)) if holds(&fd, "manifest", &encoded) => {
                     resumed = Some((name, fd));
