@@ -401,8 +401,12 @@ fn pool_fetch(
     let mode = spec.mode.unwrap_or(pf.mode) & 0o7777;
     let done = |received| Ok((vec![(target.clone(), pf.md5.clone())], received));
     if let Ok(Some(f)) = safefs::open_read_at(&dir, &name) {
-        let same = f.metadata().is_ok_and(|m| m.len() == pf.size)
-            && reader_md5(&f).is_ok_and(|m| m == pf.md5);
+        // A file with other hard links is replaced, never chowned in place: a link to
+        // a file elsewhere could have been planted.
+        let same = f.metadata().is_ok_and(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.len() == pf.size && m.nlink() == 1
+        }) && reader_md5(&f).is_ok_and(|m| m == pf.md5);
         if same {
             safefs::apply_mode_owner(&f, mode, owner)
                 .map_err(|e| format!("setting mode and owner of {}: {e}", target.display()))?;
