@@ -315,9 +315,13 @@ fn reader_md5(mut f: &std::fs::File) -> std::io::Result<String> {
     }
 }
 
-/// A new file only this process can read (0600), never through a link.
+/// A new file only this process can read (0600), never through a link, in a private
+/// directory (the cache's staging area, made again if it went missing).
 fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        safefs::ensure_private_dir(dir)?;
+    }
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
