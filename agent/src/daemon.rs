@@ -390,6 +390,7 @@ pub async fn spawn(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             node_up: octopus_transfer::limit::Limiter::new(cfg.limit_up),
             node_down: octopus_transfer::limit::Limiter::new(cfg.limit_down),
             cached: Arc::default(),
+            ca: Arc::new(ca.clone()),
         },
         url_key,
         pool_port: pool.as_ref().map_or(0, |p| p.local_addr().port()),
