@@ -165,7 +165,18 @@ async fn identity(cfg: &AgentConfig, ep: &Endpoint) -> Result<(Identity, Vec<u8>
         ALPN_ENROLL,
     )
     .await
-    .map_err(|e| AgentError::Enroll(format!("connecting to {}: {e}", cfg.center)))?;
+    .map_err(|e| {
+        AgentError::Enroll(format!(
+            "connecting to {}: the center does not present the CA pinned by the enroll token \
+             (fingerprint {}): {e}",
+            cfg.center,
+            ca_fp
+                .0
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ))
+    })?;
     let (mut send, mut recv) = conn
         .open_bi()
         .await

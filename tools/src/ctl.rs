@@ -184,11 +184,10 @@ impl Client {
         let base = base.trim_end_matches('/').to_string();
         let (token, token_fp) = crate::pin::split_token(&token);
         let pin = if base.starts_with("https://") {
-            let ca_file = c
-                .ca
-                .clone()
-                .or_else(|| std::env::var_os("OCTO_CA").map(PathBuf::from))
-                .or_else(|| from_config("ca").map(PathBuf::from));
+            let ca_file =
+                c.ca.clone()
+                    .or_else(|| std::env::var_os("OCTO_CA").map(PathBuf::from))
+                    .or_else(|| from_config("ca").map(PathBuf::from));
             Some(crate::pin::resolve(
                 &base,
                 ca_file,
@@ -794,6 +793,7 @@ pub async fn center(
         api_sans: tls.api_san,
         http_limits: octopus_agent::serve::Limits {
             max_connections: tls.max_connections,
+            header_timeout: tls.header_timeout,
             ..Default::default()
         },
     })
@@ -865,6 +865,9 @@ pub struct CenterTls {
     /// Connections the API serves at once (more wait to be accepted).
     #[arg(long, default_value_t = 512)]
     pub max_connections: usize,
+    /// Time a connection has for its TLS handshake and each request's headers.
+    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
+    pub header_timeout: Duration,
 }
 
 #[derive(Args, Debug)]

@@ -77,15 +77,19 @@ fn fp_hex(fp: &Fingerprint) -> String {
 
 /// Reads a certificate file: PEM (the first certificate) or DER.
 pub fn read_cert(path: &std::path::Path) -> Result<Vec<u8>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading the CA file {}", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading the CA file {}", path.display()))?;
     let text = String::from_utf8_lossy(&bytes);
     let Some(start) = text.find("-----BEGIN CERTIFICATE-----") else {
         return Ok(bytes);
     };
     let body = &text[start + "-----BEGIN CERTIFICATE-----".len()..];
-    let end = body
-        .find("-----END CERTIFICATE-----")
-        .with_context(|| format!("reading the CA file {}: no END CERTIFICATE line", path.display()))?;
+    let end = body.find("-----END CERTIFICATE-----").with_context(|| {
+        format!(
+            "reading the CA file {}: no END CERTIFICATE line",
+            path.display()
+        )
+    })?;
     let b64: String = body[..end].chars().filter(|c| !c.is_whitespace()).collect();
     data_encoding::BASE64
         .decode(b64.as_bytes())
@@ -105,7 +109,9 @@ pub fn authority(url: &str) -> (String, String) {
     let host = if let Some(v6) = auth.strip_prefix('[') {
         v6.split(']').next().unwrap_or("").to_string()
     } else {
-        auth.rsplit_once(':').map_or(auth.as_str(), |(h, _)| h).to_string()
+        auth.rsplit_once(':')
+            .map_or(auth.as_str(), |(h, _)| h)
+            .to_string()
     };
     (host, auth)
 }
@@ -174,14 +180,18 @@ fn fetch_ca(base: &str, fp: &Fingerprint) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("connecting to {auth}: {e}"))?;
     let _ = sock.set_read_timeout(Some(Duration::from_secs(10)));
     let _ = sock.set_write_timeout(Some(Duration::from_secs(10)));
-    let mut conn =
-        rustls::ClientConnection::new(Arc::new(cfg), name).map_err(|e| e.to_string())?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(cfg), name).map_err(|e| e.to_string())?;
     while conn.is_handshaking() {
         conn.complete_io(&mut sock)
             .map_err(|e| format!("TLS handshake with {auth}: {e}"))?;
     }
+    // Say goodbye without waiting for the server's answer.
     conn.send_close_notify();
-    let _ = conn.complete_io(&mut sock);
+    while conn.wants_write() {
+        if conn.write_tls(&mut sock).is_err() {
+            break;
+        }
+    }
     let _ = sock.flush();
     let chain = seen.lock().unwrap().clone();
     let Some((leaf, rest)) = chain.split_first() else {
