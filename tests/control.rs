@@ -1029,8 +1029,10 @@ fn the_cli_finds_the_center_through_its_config_file_and_flags_override_it() {
     std::fs::write(
         cfg.join("octo/config"),
         format!(
-            "# written by the test\ncenter = {}\ntoken = {}\n",
-            f.api, f.admin
+            "# written by the test\ncenter = {}\ntoken = {}\nca = {}\n",
+            f.api,
+            f.admin,
+            f.dir.path().join("center-data/ca.pem").display()
         ),
     )
     .unwrap();
@@ -1050,7 +1052,8 @@ fn the_cli_finds_the_center_through_its_config_file_and_flags_override_it() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("host-1"));
-    // A flag wins over the file: a bad token given on the command line is refused.
+    // A flag wins over the file: a bad token given on the command line is refused
+    // (by the center: the file's `ca` pins it, as this token carries no fingerprint).
     let out = run(&[
         "agents",
         "--json",
