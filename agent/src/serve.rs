@@ -220,3 +220,71 @@ impl AsyncWrite for Watched {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The loop the pool runs on: idle sockets past the cap are all closed by the
+    /// server, and a request behind them is still answered.
+    #[tokio::test]
+    async fn idle_sockets_past_the_cap_are_closed_and_requests_still_served() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let app = Router::new().route("/x", get(|| async { "ok" }));
+        let limits = Limits {
+            header_timeout: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(5),
+            max_connections: 4,
+        };
+        let cancel = CancellationToken::new();
+        let server = tokio::spawn(serve(tcp, app, None, limits, cancel.clone()));
+        let mut idle = Vec::new();
+        for _ in 0..12 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // Half a request head, never finished.
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), c.read_to_end(&mut resp))
+            .await
+            .expect("the request behind the idle sockets was never answered")
+            .unwrap();
+        let resp = String::from_utf8_lossy(&resp);
+        assert!(
+            resp.starts_with("HTTP/1.1 200") && resp.ends_with("ok"),
+            "{resp}"
+        );
+
+        idle.push(slow);
+        for (i, mut s) in idle.into_iter().enumerate() {
+            let mut b = [0u8; 64];
+            let r = tokio::time::timeout(Duration::from_secs(60), s.read(&mut b))
+                .await
+                .unwrap_or_else(|_| panic!("socket {i} was never closed"));
+            // EOF, a reset, or hyper's 408 before closing: never left hanging.
+            match r {
+                Ok(0) | Err(_) => {}
+                Ok(_) => {
+                    let mut rest = Vec::new();
+                    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut rest))
+                        .await
+                        .unwrap_or_else(|_| panic!("socket {i} was answered but never closed"))
+                        .ok();
+                }
+            }
+        }
+        cancel.cancel();
+        server.await.unwrap();
+    }
+}

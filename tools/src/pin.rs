@@ -132,10 +132,11 @@ pub fn resolve(
     }
     if let Some(fp) = token_fp {
         let by = format!("the CA fingerprint {} carried by the token", fp_hex(&fp));
-        let ca_der = fetch_ca(base, &fp).map_err(|e| {
-            anyhow::Error::new(PinError(format!(
+        let ca_der = fetch_ca(base, &fp).map_err(|e| match e {
+            Fetch::Mismatch(e) => anyhow::Error::new(PinError(format!(
                 "the center at {base} does not match {by}: {e}"
-            )))
+            ))),
+            Fetch::Net(e) => anyhow::anyhow!("reaching the center at {base} to check {by}: {e}"),
         })?;
         return Ok(Pinned { ca_der, by });
     }
@@ -153,10 +154,34 @@ pub fn resolve(
     )
 }
 
+/// Why [`fetch_ca`] failed: the network, or the center's chain.
+enum Fetch {
+    Net(String),
+    Mismatch(String),
+}
+
 /// Dials `base` and returns the CA certificate in the server's chain whose fingerprint
 /// is `fp`, after checking it issued the server's certificate. Nothing but a TLS
 /// handshake is sent; the real calls then verify against this CA as usual.
-fn fetch_ca(base: &str, fp: &Fingerprint) -> Result<Vec<u8>, String> {
+fn fetch_ca(base: &str, fp: &Fingerprint) -> Result<Vec<u8>, Fetch> {
+    let chain = server_chain(base).map_err(Fetch::Net)?;
+    let Some((leaf, rest)) = chain.split_first() else {
+        return Err(Fetch::Mismatch(
+            "the server presented no certificate".into(),
+        ));
+    };
+    let ca = rest
+        .iter()
+        .find(|c| Fingerprint::of(c) == *fp)
+        .ok_or_else(|| {
+            Fetch::Mismatch("no certificate in the server's chain has that fingerprint".into())
+        })?;
+    tls::verify_issued(leaf, ca, false).map_err(|e| Fetch::Mismatch(e.to_string()))?;
+    Ok(ca.clone())
+}
+
+/// The certificate chain `base` presents in a TLS handshake (leaf first).
+fn server_chain(base: &str) -> Result<Vec<Vec<u8>>, String> {
     let (host, auth) = authority(base);
     let seen: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
     let provider = tls::provider();
@@ -178,8 +203,9 @@ fn fetch_ca(base: &str, fp: &Fingerprint) -> Result<Vec<u8>, String> {
         .ok_or_else(|| format!("resolving {auth}: no address"))?;
     let mut sock = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .map_err(|e| format!("connecting to {auth}: {e}"))?;
-    let _ = sock.set_read_timeout(Some(Duration::from_secs(10)));
-    let _ = sock.set_write_timeout(Some(Duration::from_secs(10)));
+    // As patient as the API calls: a busy center accepts late, not never.
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(60)));
+    let _ = sock.set_write_timeout(Some(Duration::from_secs(60)));
     let mut conn = rustls::ClientConnection::new(Arc::new(cfg), name).map_err(|e| e.to_string())?;
     while conn.is_handshaking() {
         conn.complete_io(&mut sock)
@@ -194,15 +220,7 @@ fn fetch_ca(base: &str, fp: &Fingerprint) -> Result<Vec<u8>, String> {
     }
     let _ = sock.flush();
     let chain = seen.lock().unwrap().clone();
-    let Some((leaf, rest)) = chain.split_first() else {
-        return Err("the server presented no certificate".into());
-    };
-    let ca = rest
-        .iter()
-        .find(|c| Fingerprint::of(c) == *fp)
-        .ok_or_else(|| "no certificate in the server's chain has that fingerprint".to_string())?;
-    tls::verify_issued(leaf, ca, false).map_err(|e| e.to_string())?;
-    Ok(ca.clone())
+    Ok(chain)
 }
 
 /// Records the server's chain; the chain is checked after the handshake, and the
