@@ -374,3 +374,38 @@ fn idle_and_slow_header_connections_are_closed_and_the_api_keeps_answering() {
     let (code, _, err) = run_octo(&api, &admin, &["agents"]);
     assert_eq!(code, 0, "{err}");
 }
+
+/// Plain HTTP only when asked: `octo center --insecure-http` serves `http://`, says so
+/// loudly, and the CLI reaches it on loopback.
+#[test]
+fn insecure_http_is_explicit_and_loud() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("center-data");
+    let data_s = data.display().to_string();
+    let mut c = Octo::spawn(
+        &bin(),
+        "center",
+        dir.path(),
+        &[
+            "center",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data_s,
+            "--insecure-http",
+            "--json",
+        ],
+        &[],
+    );
+    let ready = c.wait_event("ready", T);
+    let api = ready["api"].as_str().unwrap().to_string();
+    assert!(api.starts_with("http://"), "{api}");
+    assert!(
+        octopus_tests::wait_until(T, || c.stderr().contains("PLAIN HTTP")),
+        "no warning: {}",
+        c.stderr()
+    );
+    let admin = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let (code, _, err) = run_octo(&api, admin.trim(), &["agents"]);
+    assert_eq!(code, 0, "{err}");
+}
