@@ -430,6 +430,13 @@ mod tests {
     }
 
     #[test]
+    fn a_token_with_the_ca_fingerprint_parses_as_the_bare_one() {
+        let (text, _) = new_token(Scope::Read, Vec::new(), None, false, String::new(), 0);
+        let full = with_ca_fingerprint(&text, &"ab".repeat(32));
+        assert_eq!(parse_token(&full).unwrap(), parse_token(&text).unwrap());
+    }
+
+    #[test]
     fn parse_token_rejects_malformed() {
         let (text, _) = mint(Scope::Read, &[]);
         let bad = [
