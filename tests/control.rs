@@ -420,11 +420,45 @@ fn a_used_one_time_enroll_token_and_a_foreign_ca_are_refused() {
     let err = String::from_utf8_lossy(&second.stdout);
     assert!(err.contains("used"), "{err}");
 
-    // A token whose CA fingerprint is not this center's: the agent refuses the center.
-    let (tok, _) = once.rsplit_once('.').unwrap();
-    let forged = format!("{tok}.{}", "0".repeat(64));
-    let third = spawn("three", &forged).wait_with_output().unwrap();
+    // A fresh, unused token minted by another center (another CA), pointed at this
+    // one: the agent must refuse this center because its CA is not the pinned one.
+    let other_dir = dir.join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let (_other, other_api, other_addr, other_admin) =
+        crate::fleet::start_center(&other_dir, "127.0.0.1:0", "other-center");
+    let (code, foreign, err) = crate::fleet::run_octo(
+        &other_api,
+        &other_admin,
+        &["token", "create", "--scope", "enroll", "--one-time"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let foreign = foreign.trim();
+    let third = spawn("three", foreign).wait_with_output().unwrap();
     assert!(!third.status.success());
+    let err = String::from_utf8_lossy(&third.stdout);
+    assert!(
+        err.contains("does not present the CA pinned by the enroll token"),
+        "the refusal must name the pin: {err}"
+    );
+    let other_fp = foreign.rsplit_once('.').unwrap().1;
+    assert!(err.contains(other_fp), "{err}");
+    // The token itself was good and is still unused: it enrolls at its own center.
+    let mut own = Command::new(bin())
+        .args(["agent", "--center", &other_addr, "--token", foreign])
+        .args(["--name", "three", "--json", "--data-dir"])
+        .arg(dir.join("three-at-other"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(own.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("\"ready\""), "{line}");
+    let _ = own.kill();
+    let _ = own.wait();
     let _ = first.kill();
     let _ = first.wait();
     let _: PathBuf = dir.to_path_buf();
@@ -1007,8 +1041,10 @@ fn the_cli_finds_the_center_through_its_config_file_and_flags_override_it() {
     std::fs::write(
         cfg.join("octo/config"),
         format!(
-            "# written by the test\ncenter = {}\ntoken = {}\n",
-            f.api, f.admin
+            "# written by the test\ncenter = {}\ntoken = {}\nca = {}\n",
+            f.api,
+            f.admin,
+            f.dir.path().join("center-data/ca.pem").display()
         ),
     )
     .unwrap();
@@ -1028,7 +1064,8 @@ fn the_cli_finds_the_center_through_its_config_file_and_flags_override_it() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("host-1"));
-    // A flag wins over the file: a bad token given on the command line is refused.
+    // A flag wins over the file: a bad token given on the command line is refused
+    // (by the center: the file's `ca` pins it, as this token carries no fingerprint).
     let out = run(&[
         "agents",
         "--json",

@@ -14,6 +14,7 @@ mod control;
 mod fleet;
 mod multi;
 mod sec_fs;
+mod sec_tls;
 
 const T: Duration = Duration::from_secs(60);
 

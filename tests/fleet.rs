@@ -4,11 +4,20 @@
 //!
 //! Why a module of its own: every e2e test file (control, multi, security, ...) drives the
 //! same fleet, so how the center is reached (address, scheme, CA pinning) lives in one place.
+//!
+//! The center serves HTTPS with a certificate from its own CA. [`start_center`] records
+//! each center's `DATA_DIR/ca.pem` under its API URL, and the raw helpers ([`http_raw`],
+//! [`http_get`], ...) speak TLS with exactly that CA as the root (rustls, the name
+//! checked) to `https://` URLs, and plain HTTP to `http://` ones (the agents' pools).
+//! The CLI pins the CA from the token's fingerprint; [`run_octo`] adds `OCTO_CA` only
+//! for a token that carries none.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use octopus_tests::{wait_until, Octo, Value};
@@ -27,14 +36,42 @@ pub(crate) struct Fleet {
     pub(crate) enroll: String,
 }
 
+/// The CA file of every center started here, by API URL.
+static CAS: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
+
+/// The `ca.pem` of the center serving `api` (started by [`start_center`]).
+pub(crate) fn ca_of(api: &str) -> Option<PathBuf> {
+    CAS.lock()
+        .unwrap()
+        .as_ref()
+        .and_then(|m| m.get(api.trim_end_matches('/')).cloned())
+}
+
+/// Records the CA file of a center started without [`start_center`].
+pub(crate) fn record_ca(api: &str, ca: &Path) {
+    CAS.lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .insert(api.trim_end_matches('/').to_string(), ca.to_path_buf());
+}
+
 pub(crate) fn run_octo(api: &str, token: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin())
-        .args(args)
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
         .env("OCTO_CENTER", api)
         .env("OCTO_TOKEN", token)
         .env("RUST_LOG", "warn")
-        .output()
-        .expect("run octo");
+        .env_remove("OCTO_CA");
+    // A token without the CA fingerprint (hand-made, or the old form) needs the CA.
+    let carries_fp = token
+        .rsplit_once('.')
+        .is_some_and(|(_, h)| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !carries_fp {
+        if let Some(ca) = ca_of(api) {
+            cmd.env("OCTO_CA", ca);
+        }
+    }
+    let out = cmd.output().expect("run octo");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -157,7 +194,12 @@ pub(crate) fn start_center(dir: &Path, listen: &str, name: &str) -> (Octo, Strin
     );
     let ready = c.wait_event("ready", T);
     let api = ready["api"].as_str().unwrap().to_string();
-    let addr = api.trim_start_matches("http://").to_string();
+    assert!(
+        api.starts_with("https://"),
+        "the center serves HTTPS by default: {api}"
+    );
+    let addr = api.trim_start_matches("https://").to_string();
+    record_ca(&api, &data.join("ca.pem"));
     let token_file = std::fs::read_to_string(data.join("admin.token")).unwrap();
     if let Some(t) = ready["admin_token"].as_str() {
         assert_eq!(
@@ -202,8 +244,7 @@ pub(crate) fn http_raw(
     token: Option<&str>,
     body: &str,
 ) -> (u16, String) {
-    let addr = api.trim_start_matches("http://");
-    let mut s = TcpStream::connect(addr).unwrap();
+    let (mut s, addr) = connect(api);
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
@@ -213,8 +254,8 @@ pub(crate) fn http_raw(
         body.len()
     )
     .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
+    s.flush().unwrap();
+    let resp = String::from_utf8_lossy(&read_all(&mut s)).into_owned();
     let status: u16 = resp[9..12].parse().unwrap();
     let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     (status, body)
@@ -275,8 +316,7 @@ pub(crate) fn http_get(
     token: Option<&str>,
     range: Option<&str>,
 ) -> (u16, String, Vec<u8>) {
-    let addr = base.trim_start_matches("http://");
-    let mut s = TcpStream::connect(addr).unwrap();
+    let (mut s, addr) = connect(base);
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
@@ -286,8 +326,8 @@ pub(crate) fn http_get(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}{range}Connection: close\r\n\r\n"
     )
     .unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).unwrap();
+    s.flush().unwrap();
+    let buf = read_all(&mut s);
     let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
     let head = String::from_utf8_lossy(&buf[..split]).into_owned();
     (
@@ -295,4 +335,75 @@ pub(crate) fn http_get(
         head,
         buf[split + 4..].to_vec(),
     )
+}
+
+/// A byte stream to a server: TLS or plain TCP.
+pub(crate) trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+/// Connects to `base` (`https://HOST:PORT`, verified with the center's CA as the only
+/// root, or `http://HOST:PORT`); returns the stream and `HOST:PORT`.
+pub(crate) fn connect(base: &str) -> (Box<dyn Stream>, String) {
+    if let Some(addr) = base.strip_prefix("https://") {
+        let addr = addr.trim_end_matches('/').to_string();
+        let ca = ca_of(base)
+            .unwrap_or_else(|| panic!("no CA recorded for {base}: start it with start_center"));
+        (
+            Box::new(tls_connect(&addr, &std::fs::read(&ca).unwrap())),
+            addr,
+        )
+    } else {
+        let addr = base.trim_start_matches("http://").trim_end_matches('/');
+        (
+            Box::new(TcpStream::connect(addr).unwrap()),
+            addr.to_string(),
+        )
+    }
+}
+
+/// A TLS client stream to `addr` that trusts only the CA in `ca_pem` and checks the
+/// server's name (the IP of `addr`) as any HTTPS client does.
+pub(crate) fn tls_connect(
+    addr: &str,
+    ca_pem: &[u8],
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pem_cert(ca_pem).into()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let host = addr.rsplit_once(':').unwrap().0;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// The DER of the first certificate in a PEM file.
+pub(crate) fn pem_cert(pem: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(pem);
+    let b64: String = text
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<Vec<_>>()
+        .concat();
+    data_encoding::BASE64.decode(b64.as_bytes()).unwrap()
+}
+
+/// Reads until the server closes; a TLS peer that closes without close_notify after
+/// the response still counts as the end.
+fn read_all(s: &mut dyn Stream) -> Vec<u8> {
+    let mut buf = Vec::new();
+    match s.read_to_end(&mut buf) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !buf.is_empty() => {}
+        Err(e) => panic!("reading the response: {e} (got {} bytes)", buf.len()),
+    }
+    buf
 }

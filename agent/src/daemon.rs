@@ -182,7 +182,18 @@ async fn identity(cfg: &AgentConfig, ep: &Endpoint) -> Result<(Identity, Vec<u8>
         ALPN_ENROLL,
     )
     .await
-    .map_err(|e| AgentError::Enroll(format!("connecting to {}: {e}", cfg.center)))?;
+    .map_err(|e| {
+        AgentError::Enroll(format!(
+            "connecting to {}: the center does not present the CA pinned by the enroll token \
+             (fingerprint {}): {e}",
+            cfg.center,
+            ca_fp
+                .0
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ))
+    })?;
     let (mut send, mut recv) = conn
         .open_bi()
         .await
@@ -419,6 +430,7 @@ pub async fn spawn(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             node_up: octopus_transfer::limit::Limiter::new(cfg.limit_up),
             node_down: octopus_transfer::limit::Limiter::new(cfg.limit_down),
             cached: Arc::default(),
+            ca: Arc::new(ca.clone()),
         },
         url_key,
         pool_port: pool.as_ref().map_or(0, |p| p.local_addr().port()),

@@ -47,6 +47,8 @@ pub struct FetchCtx {
     pub node_down: Limiter,
     /// Notified when content was added to the cache (the pool's holdings changed).
     pub cached: Arc<tokio::sync::Notify>,
+    /// The center's CA (DER), pinned at enrollment: it verifies the center's HTTPS.
+    pub ca: Arc<Vec<u8>>,
 }
 
 /// Called with (bytes in place, total bytes) about once a second.
@@ -476,8 +478,19 @@ fn download(
         Ok(o) => o,
         Err(_) => current,
     };
-    let url = format!("http://{center}/api/v1/files/{}?{}", pf.md5, pf.query);
+    // The center's API is HTTPS with a certificate from the CA this agent pinned at
+    // enrollment; the redirect to another agent's pool is plain HTTP to a signed URL
+    // (see ARCHITECTURE.md), and what arrives is checked against size and MD5.
+    let url = format!("https://{center}/api/v1/files/{}?{}", pf.md5, pf.query);
+    let ca = ureq::tls::Certificate::from_der(&ctx.ca).to_owned();
     let http: ureq::Agent = ureq::Agent::config_builder()
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .provider(ureq::tls::TlsProvider::Rustls)
+                .root_certs(ureq::tls::RootCerts::new_with_certs(&[ca]))
+                .unversioned_rustls_crypto_provider(octopus_transfer::tls::provider())
+                .build(),
+        )
         .http_status_as_error(false)
         .timeout_connect(Some(Duration::from_secs(10)))
         .timeout_recv_body(Some(Duration::from_secs(60)))

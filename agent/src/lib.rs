@@ -6,4 +6,5 @@ pub mod fetch;
 pub mod hostinfo;
 pub mod pool;
 pub mod proto;
+pub mod serve;
 pub mod urlsig;

@@ -55,6 +55,22 @@ impl PoolHandle {
     }
 }
 
+/// Where the pool listens unless told: the address this host uses to reach the
+/// center (port chosen by the kernel). Other agents reach the pool at the address the
+/// center sees the agent's session come from, which is this one, so binding every
+/// interface would only expose the cache on networks that never need it. Found with
+/// an unbound UDP `connect`, which sends nothing.
+pub fn default_listen(center: SocketAddr) -> std::io::Result<SocketAddr> {
+    let any: SocketAddr = if center.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let s = std::net::UdpSocket::bind(any)?;
+    s.connect(center)?;
+    Ok(SocketAddr::new(s.local_addr()?.ip(), 0))
+}
+
 /// Serves `cache` on `listen`, accepting URLs signed by the key whose public half is
 /// in `center_key`.
 pub async fn spawn(
@@ -69,11 +85,13 @@ pub async fn spawn(
         .with_state(Pool { cache, center_key });
     let cancel = CancellationToken::new();
     let c = cancel.clone();
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(tcp, app)
-            .with_graceful_shutdown(async move { c.cancelled().await })
-            .await;
-    });
+    let task = tokio::spawn(crate::serve::serve(
+        tcp,
+        app,
+        None,
+        crate::serve::Limits::default(),
+        c,
+    ));
     Ok(PoolHandle {
         local_addr,
         cancel,

@@ -22,12 +22,12 @@ trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)" || true
 PORT=$((20000 + RANDOM % 20000))
 ADDR=127.0.0.1:$PORT
-export OCTO_CENTER=http://$ADDR
+export OCTO_CENTER=https://$ADDR OCTO_CA=$W/center/ca.pem
 
 start_center() {
   "$OCTO" center --listen $ADDR --data-dir $W/center --heartbeat 5s --json >>$W/center.out 2>>$W/center.err &
   CENTER=$!
-  for _ in $(seq 100); do curl -s -o /dev/null $OCTO_CENTER/api/v1/info && break; sleep 0.1; done
+  for _ in $(seq 100); do curl -s -o /dev/null --cacert $OCTO_CA $OCTO_CENTER/api/v1/info && break; sleep 0.1; done
 }
 online() { "$OCTO" agents --json | python3 -c 'import json,sys; print(sum(a["status"]=="online" for a in json.load(sys.stdin)))'; }
 wait_online() { for _ in $(seq 1200); do [ "$(online)" -ge "$1" ] && return 0; sleep 0.5; done; echo "only $(online) of $1 online"; exit 1; }

@@ -10,9 +10,9 @@ start_agent pool-1
 head -c 65536 /dev/urandom >"$dir/file.bin"
 md5=$(md5sum "$dir/file.bin" | cut -d' ' -f1)
 "$octo" cp --mkdir "$dir/file.bin" "pool-1:$dir/dest/" >/dev/null 2>&1
-until curl -s -H "Authorization: Bearer $OCTO_TOKEN" "$api/api/v1/files" | grep -q '"holds":1'; do sleep 0.1; done
+until curl -s --cacert "$OCTO_CA" -H "Authorization: Bearer $OCTO_TOKEN" "$api/api/v1/files" | grep -q '"holds":1'; do sleep 0.1; done
 # The center served the copy itself, so the next request is redirected to the agent.
-pool_url=$(curl -s -o /dev/null -w '%{redirect_url}' -H "Authorization: Bearer $OCTO_TOKEN" "$api/api/v1/files/$md5")
+pool_url=$(curl -s --cacert "$OCTO_CA" -o /dev/null -w '%{redirect_url}' -H "Authorization: Bearer $OCTO_TOKEN" "$api/api/v1/files/$md5")
 echo "pool URL: $pool_url"
 curl -sf "$pool_url" | md5sum | grep -q "$md5" && echo "curl of the signed URL: MD5 ok"
 echo "== wrk: agent pool, 64 KiB file, ${conns} connections, ${secs}s"

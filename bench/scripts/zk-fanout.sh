@@ -25,10 +25,10 @@ rtt() {
 run_mode() { # label, extra center args...
   local label=$1; shift
   local port=$((20000 + RANDOM % 20000))
-  export OCTO_CENTER=http://127.0.0.1:$port
+  export OCTO_CENTER=https://127.0.0.1:$port OCTO_CA=$W/center-$label/ca.pem
   "$OCTO" center --listen 127.0.0.1:$port --data-dir $W/center-$label --heartbeat 5s --json "$@" >$W/center-$label.out 2>$W/center-$label.err &
   local center=$!; PIDS+=($center)
-  for _ in $(seq 300); do curl -s -o /dev/null $OCTO_CENTER/api/v1/info && break; sleep 0.1; done
+  for _ in $(seq 300); do curl -s -o /dev/null --cacert $OCTO_CA $OCTO_CENTER/api/v1/info && break; sleep 0.1; done
   export OCTO_TOKEN=$(cat $W/center-$label/admin.token)
   local enroll; enroll=$("$OCTO" token create --scope enroll --ttl 2h)
   local t0; t0=$(ms)

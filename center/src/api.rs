@@ -1017,12 +1017,9 @@ async fn create_token(
         proto::now_ms(),
     );
     inner.store.put_token(&rec)?;
-    // An enroll token also carries the CA fingerprint the agent must pin.
-    let full = if scope == Scope::Enroll {
-        format!("{text}.{}", center::fingerprint_hex(&inner.ca.fingerprint))
-    } else {
-        text
-    };
+    // Every token carries the CA fingerprint: agents pin it at enrollment, the CLI
+    // pins the API's certificate with it.
+    let full = auth::with_ca_fingerprint(&text, &center::fingerprint_hex(&inner.ca.fingerprint));
     Ok((
         StatusCode::CREATED,
         Json(

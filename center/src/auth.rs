@@ -126,8 +126,19 @@ fn check_chars(part: &str, len: usize, what: &'static str) -> Result<(), AuthErr
     Ok(())
 }
 
-/// Splits a token's text into its id and its secret bytes.
+/// A token's text as handed to people: `octo_<id>_<secret>.<CA fingerprint hex>`.
+/// The fingerprint lets the CLI pin the center's HTTPS certificate (and an agent its
+/// CA at enrollment) from the token alone; it is public, and only the part before the
+/// `.` is the credential.
+pub fn with_ca_fingerprint(text: &str, fp_hex: &str) -> String {
+    format!("{text}.{fp_hex}")
+}
+
+/// Splits a token's text into its id and its secret bytes. A `.<CA fingerprint>`
+/// suffix (as `token create` prints and `admin.token` holds) is ignored, and the old
+/// form without it is accepted.
 pub fn parse_token(text: &str) -> Result<(String, [u8; SECRET_BYTES]), AuthError> {
+    let text = text.split_once('.').map_or(text, |(t, _)| t);
     let rest = text
         .strip_prefix(TOKEN_PREFIX)
         .ok_or(AuthError::Malformed("it does not start with octo_"))?;
@@ -416,6 +427,13 @@ mod tests {
         let (other, _) = mint(Scope::Read, &[]);
         let (_, other_secret) = parse_token(&other).unwrap();
         assert!(!verify(&record, &other_secret));
+    }
+
+    #[test]
+    fn a_token_with_the_ca_fingerprint_parses_as_the_bare_one() {
+        let (text, _) = new_token(Scope::Read, Vec::new(), None, false, String::new(), 0);
+        let full = with_ca_fingerprint(&text, &"ab".repeat(32));
+        assert_eq!(parse_token(&full).unwrap(), parse_token(&text).unwrap());
     }
 
     #[test]

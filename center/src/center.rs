@@ -56,6 +56,13 @@ pub struct CenterConfig {
     /// `zk://HOST:PORT[,HOST:PORT...]/CHROOT`: register in ZooKeeper, so several
     /// centers serve one fleet. `None`: embedded, one center.
     pub registry: Option<String>,
+    /// Serve the API over plain HTTP instead of HTTPS (`--insecure-http`).
+    pub insecure_http: bool,
+    /// Extra names (DNS or IP) for the API's certificate, beside the listen address,
+    /// loopback and the host name.
+    pub api_sans: Vec<String>,
+    /// Timeouts and the connection cap of the API's HTTP server.
+    pub http_limits: octopus_agent::serve::Limits,
 }
 
 /// Default quota of the center's content cache: 20 GiB.
@@ -177,6 +184,8 @@ pub struct CenterHandle {
     /// The admin token, only on the start that created it.
     pub new_admin_token: Option<String>,
     pub ca_fingerprint: String,
+    /// `https://ADDR` (or `http://ADDR` with `insecure_http`).
+    pub api_url: String,
 }
 
 impl std::fmt::Debug for Inner {
@@ -293,6 +302,9 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
             proto::now_ms(),
         );
         store.put_token(&rec)?;
+        // Like every token `token create` prints, it carries the CA's fingerprint, so
+        // the CLI can pin the center's HTTPS certificate from the token alone.
+        let text = auth::with_ca_fingerprint(&text, &fingerprint_hex(&ca.fingerprint));
         write_private(&token_path, text.as_bytes()).map_err(|source| CenterError::DataDir {
             path: token_path.clone(),
             source,
@@ -332,6 +344,22 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         addr: api_addr,
         source,
     })?;
+    crate::https::write_ca_pem(&cfg.data_dir, &ca.cert).map_err(|source| CenterError::DataDir {
+        path: cfg.data_dir.join("ca.pem"),
+        source,
+    })?;
+    let api_tls = if cfg.insecure_http {
+        warn!(api = %api_addr, "the API serves PLAIN HTTP (--insecure-http): tokens cross the network in cleartext");
+        None
+    } else {
+        let names = crate::https::api_names(api_addr, &cfg.api_sans);
+        debug!(?names, "API certificate names");
+        Some(crate::https::server_config(&ca, &names)?)
+    };
+    let api_url = format!(
+        "{}://{api_addr}",
+        if api_tls.is_some() { "https" } else { "http" }
+    );
 
     let url_key = match store.get_meta(META_URL_KEY)? {
         Some(k) => k,
@@ -445,13 +473,13 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
     tracker.spawn(committer(inner.clone(), finish_rx, cancel.clone()));
     let app = crate::api::router(inner.clone());
     let c2 = cancel.clone();
-    tracker.spawn(async move {
-        let serve = axum::serve(tcp, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move { c2.cancelled().await });
-        if let Err(e) = serve.await {
-            warn!("API server stopped: {e}");
-        }
-    });
+    tracker.spawn(octopus_agent::serve::serve(
+        tcp,
+        app,
+        api_tls,
+        cfg.http_limits,
+        c2,
+    ));
     let c3 = cancel.clone();
     tracker.spawn(async move {
         c3.cancelled().await;
@@ -465,6 +493,7 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         tracker,
         new_admin_token,
         ca_fingerprint,
+        api_url,
     })
 }
 

@@ -3,6 +3,7 @@ pub mod api;
 pub mod auth;
 pub mod center;
 pub mod content;
+pub mod https;
 pub mod store;
 pub mod target;
 pub mod zk;

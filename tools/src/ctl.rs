@@ -20,12 +20,20 @@ use serde_json::{json, Value};
 
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
-    /// API address of the center, e.g. http://127.0.0.1:7070 (else OCTO_CENTER, else the config file).
+    /// API address of the center, e.g. https://127.0.0.1:7070 (else OCTO_CENTER, else the config file).
     #[arg(long, global = true)]
     pub center: Option<String>,
     /// API token (else OCTO_TOKEN, else the config file).
     #[arg(long, global = true)]
     pub token: Option<String>,
+    /// The center's CA certificate to pin (its DATA_DIR/ca.pem; else OCTO_CA, else
+    /// `ca = FILE` in the config file, else the fingerprint the token carries).
+    #[arg(long, global = true)]
+    pub ca: Option<PathBuf>,
+    /// Allow a plain http:// center that is not on loopback (the token crosses the
+    /// network in cleartext).
+    #[arg(long, global = true)]
+    pub insecure_http: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -135,6 +143,8 @@ pub struct Client {
     base: String,
     token: String,
     http: ureq::Agent,
+    /// The pinned CA (None for plain HTTP).
+    pin: Option<crate::pin::Pinned>,
 }
 
 fn config_file() -> Option<PathBuf> {
@@ -169,18 +179,52 @@ impl Client {
         let base = if base.starts_with("http://") || base.starts_with("https://") {
             base
         } else {
-            format!("http://{base}")
+            format!("https://{base}")
         };
-        let http: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
+        let base = base.trim_end_matches('/').to_string();
+        let (token, token_fp) = crate::pin::split_token(&token);
+        let pin = if base.starts_with("https://") {
+            let ca_file =
+                c.ca.clone()
+                    .or_else(|| std::env::var_os("OCTO_CA").map(PathBuf::from))
+                    .or_else(|| from_config("ca").map(PathBuf::from));
+            Some(crate::pin::resolve(
+                &base,
+                ca_file,
+                token_fp,
+                default_dir("center").join("ca.pem"),
+            )?)
+        } else {
+            let (host, _) = crate::pin::authority(&base);
+            if !crate::pin::is_loopback(&host) && !c.insecure_http {
+                bail!(
+                    "refusing to send the token over plain HTTP to {host}: use https:// \
+                     (the center serves HTTPS by default) or pass --insecure-http"
+                );
+            }
+            None
+        };
+        let c = Client {
+            base,
+            token,
+            http: ureq::Agent::new_with_defaults(),
+            pin,
+        };
+        let http = c
+            .agent_config()
             .timeout_global(Some(Duration::from_secs(60)))
             .build()
             .into();
-        Ok(Client {
-            base: base.trim_end_matches('/').to_string(),
-            token,
-            http,
-        })
+        Ok(Client { http, ..c })
+    }
+
+    /// ureq settings for this center: status codes as answers, the pinned CA.
+    fn agent_config(&self) -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope> {
+        let b = ureq::Agent::config_builder().http_status_as_error(false);
+        match &self.pin {
+            Some(p) => b.tls_config(crate::pin::tls_config(&p.ca_der)),
+            None => b,
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -192,7 +236,19 @@ impl Client {
         what: &str,
         res: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<Value> {
-        let mut resp = res.with_context(|| format!("calling the center at {}", self.base))?;
+        let mut resp = match res {
+            Ok(r) => r,
+            Err(e) if crate::pin::is_cert_failure(&e) => {
+                let by = self.pin.as_ref().map_or("", |p| p.by.as_str());
+                return Err(anyhow::Error::new(crate::pin::PinError(format!(
+                    "the center at {} is not verified by {by}: {e}",
+                    self.base
+                ))));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("calling the center at {}", self.base))
+            }
+        };
         let status = resp.status();
         let body: Value = resp
             .body_mut()
@@ -216,8 +272,8 @@ impl Client {
 
     /// Streams `reader` as the body of a PUT (no overall timeout: uploads are big).
     pub fn put_stream(&self, what: &str, path: &str, reader: impl Read + 'static) -> Result<Value> {
-        let http: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
+        let http: ureq::Agent = self
+            .agent_config()
             .timeout_connect(Some(Duration::from_secs(10)))
             .build()
             .into();
@@ -722,6 +778,7 @@ pub async fn center(
     heartbeat: Duration,
     content_quota: u64,
     registry: Option<String>,
+    tls: CenterTls,
     json_out: bool,
 ) -> Result<()> {
     // Defence in depth: whatever the center writes is private unless it says otherwise.
@@ -734,15 +791,28 @@ pub async fn center(
         heartbeat,
         content_quota,
         registry,
+        insecure_http: tls.insecure_http,
+        api_sans: tls.api_san,
+        http_limits: octopus_agent::serve::Limits {
+            max_connections: tls.max_connections,
+            header_timeout: tls.header_timeout,
+            ..Default::default()
+        },
     })
     .await
     .context("starting the center")?;
-    let api = format!("http://{}", h.local_addr());
+    let api = h.api_url.clone();
+    if tls.insecure_http {
+        eprintln!(
+            "WARNING: the API at {api} is PLAIN HTTP (--insecure-http): tokens cross the network in cleartext"
+        );
+    }
     if json_out {
         println!(
             "{}",
             json!({"event": "ready", "api": api, "agents": h.quic_addr().to_string(),
                    "ca_fingerprint": h.ca_fingerprint, "admin_token": h.new_admin_token,
+                   "ca": data_dir.join("ca.pem"),
                    "data_dir": data_dir})
         );
     } else {
@@ -764,7 +834,8 @@ pub async fn center(
         }
         eprintln!("to enroll an agent:");
         eprintln!(
-            "  export OCTO_CENTER={api} OCTO_TOKEN=$(cat {})",
+            "  export OCTO_CENTER={api} OCTO_CA={} OCTO_TOKEN=$(cat {})",
+            data_dir.join("ca.pem").display(),
             data_dir.join("admin.token").display()
         );
         eprintln!(
@@ -782,6 +853,23 @@ pub async fn center(
         println!("{}", json!({"event": "stopped"}));
     }
     Ok(())
+}
+
+/// How the center serves its API.
+#[derive(Args, Debug, Clone)]
+pub struct CenterTls {
+    /// Serve the API over plain HTTP instead of HTTPS (tokens in cleartext).
+    #[arg(long)]
+    pub insecure_http: bool,
+    /// An extra name (DNS or IP) for the API's certificate; repeatable.
+    #[arg(long)]
+    pub api_san: Vec<String>,
+    /// Connections the API serves at once (more wait to be accepted).
+    #[arg(long, default_value_t = 512)]
+    pub max_connections: usize,
+    /// Time a connection has for its TLS handshake and each request's headers.
+    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
+    pub header_timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -804,9 +892,10 @@ pub struct AgentOpts {
     /// Disk quota of the content cache, e.g. 10GiB; 0 disables the cache and the pool.
     #[arg(long, default_value = "10GiB", value_parser = crate::parse_rate_arg)]
     pub cache_quota: u64,
-    /// Address of this agent's HTTP pool (it serves the cache to signed URLs).
-    #[arg(long, default_value = "0.0.0.0:0")]
-    pub pool_listen: std::net::SocketAddr,
+    /// Address of this agent's HTTP pool (it serves the cache to signed URLs);
+    /// default: the address this host reaches the center from, any port.
+    #[arg(long)]
+    pub pool_listen: Option<std::net::SocketAddr>,
     /// Upload limit of this agent, all transfers together (see RATE in `octo --help`).
     #[arg(long, value_parser = crate::parse_rate_arg)]
     pub limit_up: Option<u64>,
@@ -849,7 +938,11 @@ pub async fn agent(o: AgentOpts) -> Result<()> {
         tags,
         simulate: false,
         cache_quota: o.cache_quota,
-        pool_listen: Some(o.pool_listen),
+        pool_listen: Some(match o.pool_listen {
+            Some(a) => a,
+            None => octopus_agent::pool::default_listen(center)
+                .with_context(|| format!("finding the local address towards {center}"))?,
+        }),
         limit_up: o.limit_up,
         limit_down: o.limit_down,
     })

@@ -80,16 +80,22 @@ async fn run_in(dir: &Path, size: u64, n: usize, json_out: bool) -> Result<()> {
         heartbeat: Duration::from_secs(1),
         content_quota: octopus_center::center::DEFAULT_CONTENT_QUOTA,
         registry: None,
+        insecure_http: false,
+        api_sans: Vec::new(),
+        http_limits: Default::default(),
     })
     .await
     .context("starting the center")?;
     let addr = center.local_addr();
+    let api = center.api_url.clone();
     let conn = Conn {
-        center: Some(format!("http://{addr}")),
+        center: Some(api.clone()),
         token: center.new_admin_token.clone(),
+        ca: Some(dir.join("center").join("ca.pem")),
+        insecure_http: false,
     };
     say(format!(
-        "center running at http://{addr} (data in {})",
+        "center running at {api} (data in {})",
         dir.join("center").display()
     ));
 

@@ -56,7 +56,11 @@ fn raise_nofile() {
 
 pub async fn run(a: Args) -> Result<()> {
     raise_nofile();
-    let addr_text = a.center.trim_start_matches("http://").trim_end_matches('/');
+    let addr_text = a
+        .center
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .trim_end_matches('/');
     let center = tokio::net::lookup_host(addr_text)
         .await
         .with_context(|| format!("resolving {addr_text:?}"))?

@@ -22,6 +22,7 @@ mod ctl;
 mod demo;
 mod load;
 mod managed_bench;
+mod pin;
 mod swarm_bench;
 
 const RATE_HELP: &str = "RATE is bytes per second unless its unit ends in `bit`: \
@@ -111,6 +112,8 @@ enum Cmd {
         /// zk://HOST:PORT[,HOST:PORT...]/CHROOT (default: embedded, one center).
         #[arg(long)]
         registry: Option<String>,
+        #[command(flatten)]
+        tls: ctl::CenterTls,
         #[arg(long)]
         json: bool,
     },
@@ -276,8 +279,20 @@ fn main() -> ExitCode {
                 heartbeat,
                 content_quota,
                 registry,
+                tls,
                 json,
-            } => ctl::center(listen, data_dir, heartbeat, content_quota, registry, json).await,
+            } => {
+                ctl::center(
+                    listen,
+                    data_dir,
+                    heartbeat,
+                    content_quota,
+                    registry,
+                    tls,
+                    json,
+                )
+                .await
+            }
             Cmd::Agent(opts) => ctl::agent(opts).await,
             // The API clients block on HTTP; nothing else runs on this runtime then.
             Cmd::Agents { conn, target, json } => ctl::agents(&conn, target, json),
@@ -302,6 +317,10 @@ fn report(json: bool, e: anyhow::Error) -> ExitCode {
         println!("{}", json!({"event": "error", "message": format!("{e:#}")}));
     } else {
         eprintln!("error: {e:#}");
+    }
+    // A center that fails the CA pin gets its own status, so scripts can tell it.
+    if e.chain().any(|c| c.is::<pin::PinError>()) {
+        return ExitCode::from(pin::EXIT_UNVERIFIED);
     }
     ExitCode::FAILURE
 }

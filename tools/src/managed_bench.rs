@@ -86,8 +86,10 @@ pub fn bench_managed(args: &Args, octo: &Path, dir: &Path, stop: &AtomicBool) ->
         .trim()
         .to_string();
     let conn = Conn {
-        center: Some(format!("http://{center_addr}")),
+        center: Some(format!("https://{center_addr}")),
         token: Some(admin.clone()),
+        ca: Some(center_dir.join("ca.pem")),
+        insecure_http: false,
     };
     let client = Client::new(&conn)?;
     let enroll = client.post(

@@ -286,6 +286,28 @@ impl CertAuthority {
         Ok(cert.der().clone())
     }
 
+    /// A fresh key with a TLS server certificate from this CA for these names (DNS
+    /// names, or IP addresses written as text), valid for a year, presenting the chain
+    /// [leaf, CA]: what the center's HTTPS API serves, so that curl and any client that
+    /// trusts the CA check the name as usual.
+    pub fn issue_server_identity(&self, names: &[String]) -> Result<Identity, TlsError> {
+        let own = Identity::generate()?;
+        let issuer = ca_params(&self.name)?.self_signed(&self.key)?;
+        // rcgen turns each name that parses as an IP address into an IP SAN.
+        let mut p = rcgen::CertificateParams::new(names.to_vec())?;
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, CENTER_NAME.to_string());
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        p.use_authority_key_identifier_extension = true;
+        let now = std::time::SystemTime::now();
+        p.not_before = (now - std::time::Duration::from_secs(3600)).into();
+        p.not_after = (now + std::time::Duration::from_secs(365 * 86400)).into();
+        let leaf = p.signed_by(&RawP256(&own.public_key_raw()?), &issuer, &self.key)?;
+        Ok(own.with_cert(leaf.der().to_vec(), vec![self.cert.to_vec()]))
+    }
+
     /// A fresh key with a certificate from this CA, presenting the chain [leaf, CA].
     pub fn issue_identity(&self, cn: &str) -> Result<Identity, TlsError> {
         let own = Identity::generate()?;
@@ -517,6 +539,17 @@ pub fn server_config_alpns(
         .with_client_cert_verifier(verifier)
         .with_single_cert(id.cert_chain(), id.key())?;
     cfg.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+    Ok(cfg)
+}
+
+/// TLS server configuration for an HTTPS server (the center's API): no client
+/// certificate (callers authenticate with tokens), TLS 1.2 or 1.3, ALPN `http/1.1`.
+pub fn https_server_config(id: &Identity) -> Result<rustls::ServerConfig, TlsError> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(id.cert_chain(), id.key())?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
 }
 
