@@ -98,7 +98,8 @@ pub fn pem(der: &[u8]) -> String {
     s
 }
 
-/// Writes the CA certificate to `DATA_DIR/ca.pem` (0644: it is public), through a
+/// Writes the CA certificate to `DATA_DIR/ca.pem` (0600 like every file of the private data
+/// directory, though it is public: copy it out to give it to clients), through a
 /// temporary file opened without following links and renamed into place.
 pub fn write_ca_pem(data_dir: &Path, ca_der: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -110,9 +111,9 @@ pub fn write_ca_pem(data_dir: &Path, ca_der: &[u8]) -> std::io::Result<()> {
         .write(true)
         .create_new(true)
         .custom_flags(libc::O_NOFOLLOW)
-        .mode(0o644)
+        .mode(0o600)
         .open(&tmp)?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     f.write_all(pem(ca_der).as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, &path)
