@@ -1,7 +1,7 @@
 //! `Manifest::decode`, which runs on bytes from the network (checked only against the
 //! content id, which an attacker who made the ticket controls).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Component, Path};
 
 use octopus_transfer::manifest::{EntryKind, Manifest};
@@ -34,7 +34,8 @@ pub fn manifest_decode(data: &[u8]) -> bool {
 /// every path is relative, free of NUL and of `.`/`..`/empty components, and
 /// every parent is a directory declared before it (so no path reaches through a
 /// symlink or a file); every symlink target is relative, free of NUL, and stays
-/// inside its root lexically (never rises above the root's own name).
+/// inside its root: resolved as the kernel will resolve it on disk, following the
+/// manifest's other links, it never rises above the root's own name.
 pub fn check_path_safety(m: &Manifest) -> Result<(), String> {
     let mut dirs: HashSet<&str> = HashSet::new();
     let mut seen: HashSet<&str> = HashSet::new();
@@ -77,23 +78,62 @@ pub fn check_path_safety(m: &Manifest) -> Result<(), String> {
                         "symlink {p:?} -> {target:?} is absolute, empty or has NUL"
                     ));
                 }
-                // Resolve lexically from the link's directory; depth counts components
-                // below the filesystem's view of "/dest", so the root's name is depth 1.
-                let mut depth = p.split('/').count() - 1;
-                for c in target.split('/') {
-                    match c {
-                        "" | "." => {}
-                        ".." => {
-                            if depth <= 1 {
-                                return Err(format!("symlink {p:?} -> {target:?} leaves its root"));
-                            }
-                            depth -= 1;
-                        }
-                        _ => depth += 1,
+            }
+            EntryKind::File { .. } => {}
+        }
+    }
+    let links: HashMap<&str, &str> = m
+        .entries
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EntryKind::Symlink { target } => Some((e.path.as_str(), target.as_str())),
+            _ => None,
+        })
+        .collect();
+    for (path, target) in &links {
+        resolve_inside(&links, path, target)?;
+    }
+    Ok(())
+}
+
+/// Resolves the link at `path` the way the kernel will once the tree is on disk,
+/// following the manifest's other links (a loop is harmless: ELOOP), and fails if the
+/// walk ever climbs above the root (for a link that is itself a root, above the
+/// destination).
+fn resolve_inside(links: &HashMap<&str, &str>, path: &str, target: &str) -> Result<(), String> {
+    let mut at: Vec<&str> = path.split('/').collect();
+    at.pop();
+    let mut pending: VecDeque<&str> = target.split('/').collect();
+    let mut hops = 0;
+    while let Some(c) = pending.pop_front() {
+        match c {
+            "" | "." => {}
+            ".." => {
+                if at.len() <= 1 {
+                    return Err(format!(
+                        "symlink {path:?} -> {target:?} resolves outside its root"
+                    ));
+                }
+                at.pop();
+            }
+            c => {
+                at.push(c);
+                if let Some(t) = links.get(at.join("/").as_str()) {
+                    hops += 1;
+                    if hops > 40 {
+                        return Ok(());
+                    }
+                    if t.starts_with('/') {
+                        return Err(format!(
+                            "symlink {path:?} -> {target:?} reaches an absolute link"
+                        ));
+                    }
+                    at.pop();
+                    for part in t.split('/').rev() {
+                        pending.push_front(part);
                     }
                 }
             }
-            EntryKind::File { .. } => {}
         }
     }
     Ok(())
@@ -159,6 +199,12 @@ mod tests {
             m(&[("r", EntryKind::Dir), ("r/l", link("/etc"))]),
             m(&[("r", EntryKind::Dir), ("r/l", link("a\0"))]),
             m(&[("r", EntryKind::Dir), ("r/l", link(""))]),
+            m(&[
+                ("r", EntryKind::Dir),
+                ("r/a", EntryKind::Dir),
+                ("r/a/l", link("..")),
+                ("r/m", link("a/l/../x")),
+            ]),
         ];
         for b in &bad {
             assert!(check_path_safety(b).is_err(), "accepted {:?}", b.entries);

@@ -115,6 +115,10 @@ write("manifest_decode", "bad_link_absolute", manifest(65536, MIB, [entry_dir("r
 write("manifest_decode", "bad_through_link", manifest(65536, MIB, [
     entry_dir("root"), entry_link("root/l", "."), entry_file("root/l/x", 1)]))
 write("manifest_decode", "bad_trailing", m_small + b"\0")
+# Each link stays inside the root lexically, but r/m climbs from where r/a/l points.
+write("manifest_decode", "bad_link_chain_escape", manifest(65536, MIB, [
+    entry_dir("root"), entry_dir("root/a"), entry_link("root/a/l", ".."),
+    entry_link("root/m", "a/l/../../etc/shadow")]))
 write("frame_decode", "bad_empty", b"")
 write("frame_decode", "bad_huge_length", struct.pack(">I", 0xFFFFFFFF) + b"\0")
 write("frame_decode", "bad_short", frame(varint(0) + content)[:-3])

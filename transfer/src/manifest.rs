@@ -220,6 +220,35 @@ fn validate_symlink(path: &str, target: &str) -> Result<(), ManifestError> {
     Ok(())
 }
 
+/// A `..` in a symlink target may only cancel a component the manifest declares as a
+/// directory. Cancelling a symlink would climb from wherever that symlink points, so
+/// links that each stay inside the root lexically could still chain outside it
+/// (`r/a/b/l -> ../..`, then `r/m -> a/b/l/../../../etc`).
+fn validate_symlink_hops(
+    path: &str,
+    target: &str,
+    dirs: &HashSet<&str>,
+) -> Result<(), ManifestError> {
+    let mut stack: Vec<&str> = path.split('/').collect();
+    stack.pop();
+    for comp in target.split('/') {
+        match comp {
+            "" | "." => {}
+            ".." => {
+                if !dirs.contains(stack.join("/").as_str()) {
+                    return Err(ManifestError::SymlinkEscape {
+                        path: path.to_string(),
+                        target: target.chars().take(200).collect(),
+                    });
+                }
+                stack.pop();
+            }
+            c => stack.push(c),
+        }
+    }
+    Ok(())
+}
+
 impl Manifest {
     /// Build a manifest for the given roots, hashing on several threads.
     pub fn build(roots: &[PathBuf], opts: &BuildOptions) -> Result<Manifest, ManifestError> {
@@ -373,6 +402,11 @@ impl Manifest {
                         return mal("too many pieces".into());
                     }
                 }
+            }
+        }
+        for e in &self.entries {
+            if let EntryKind::Symlink { target } = &e.kind {
+                validate_symlink_hops(&e.path, target, &dirs)?;
             }
         }
         Ok(())
@@ -787,16 +821,50 @@ mod tests {
             Manifest::decode(&m.encode()).unwrap_err(),
             ManifestError::Malformed(_)
         ));
-        // Inside-the-tree symlinks are fine.
-        let mut m = base;
-        m.entries.push(Entry {
+        // Inside-the-tree symlinks are fine, `..` included when it cancels a declared
+        // directory.
+        let mut ok = base.clone();
+        ok.entries.push(Entry {
+            path: "r/x".into(),
+            mode: 0o755,
+            kind: EntryKind::Dir,
+        });
+        ok.entries.push(Entry {
             path: "r/l".into(),
             mode: 0o777,
             kind: EntryKind::Symlink {
                 target: "x/../y".into(),
             },
         });
-        Manifest::decode(&m.encode()).unwrap();
+        Manifest::decode(&ok.encode()).unwrap();
+        // A `..` that cancels a symlink climbs from where that link points: each link
+        // below is inside the root lexically, yet `r/m` resolves to `r/..`, outside.
+        // Cancelling a component the manifest does not declare is refused too (it
+        // could be created as such a link later).
+        let link = |path: &str, target: &str| Entry {
+            path: path.into(),
+            mode: 0o777,
+            kind: EntryKind::Symlink {
+                target: target.into(),
+            },
+        };
+        let dir = |path: &str| Entry {
+            path: path.into(),
+            mode: 0o755,
+            kind: EntryKind::Dir,
+        };
+        let chain = vec![dir("r/a"), link("r/a/l", ".."), link("r/m", "a/l/../x")];
+        let undeclared = vec![link("r/m", "nothere/../x")];
+        for extra in [chain, undeclared] {
+            let mut m = base.clone();
+            m.entries.extend(extra);
+            let err = Manifest::decode(&m.encode()).unwrap_err();
+            assert!(
+                matches!(err, ManifestError::SymlinkEscape { .. }),
+                "{:?}: {err}",
+                m.entries
+            );
+        }
     }
 
     #[test]
