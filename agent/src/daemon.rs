@@ -102,6 +102,11 @@ pub fn parse_enroll_token(t: &str) -> Result<(String, Fingerprint), AgentError> 
             "the CA fingerprint must be 64 hex digits".into(),
         ));
     }
+    // Before slicing pairs: a multi-byte character would split mid-character (a
+    // panic), and `from_str_radix` alone would take "+f" as a digit pair.
+    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(AgentError::BadToken("the CA fingerprint is not hex".into()));
+    }
     let mut fp = [0u8; 32];
     for (i, b) in fp.iter_mut().enumerate() {
         *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)

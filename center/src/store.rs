@@ -559,11 +559,15 @@ const NEXT_TASK: &str = "next_task";
 const NEXT_QUEUE: &str = "next_queue";
 const NEXT_AUDIT: &str = "next_audit";
 
-fn encode<T: Serialize>(table: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+/// How every record is written (public for the fuzz target's seeds).
+#[doc(hidden)]
+pub fn encode<T: Serialize>(table: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
     postcard::to_allocvec(value).map_err(|source| StoreError::Encode { table, source })
 }
 
-fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+/// How every record is read back (public for the fuzz target).
+#[doc(hidden)]
+pub fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
     postcard::from_bytes(bytes).map_err(|source| StoreError::Decode { table, source })
 }
 

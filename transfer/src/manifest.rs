@@ -15,7 +15,7 @@
 //! Paths are untrusted on the receiving side: they are validated when a manifest is
 //! built and again, independently, when one is decoded (see [`Manifest::validate`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
@@ -220,6 +220,71 @@ fn validate_symlink(path: &str, target: &str) -> Result<(), ManifestError> {
     Ok(())
 }
 
+/// The manifest's declared directories as a tree of ids (0 is the destination), so a
+/// symlink target is walked in time linear in its length, never re-hashing the path
+/// so far at each `..` (a manifest may hold a million long targets).
+struct DirTree<'a> {
+    children: HashMap<(usize, &'a str), usize>,
+}
+
+impl<'a> DirTree<'a> {
+    /// From entries whose parents were already checked to be declared before them.
+    fn new(entries: &'a [Entry]) -> DirTree<'a> {
+        let mut ids: HashMap<&str, usize> = HashMap::new();
+        let mut children = HashMap::new();
+        for e in entries {
+            if let EntryKind::Dir = e.kind {
+                let (parent, name) = match e.path.rsplit_once('/') {
+                    Some((p, n)) => (ids.get(p).copied().unwrap_or(usize::MAX), n),
+                    None => (0, e.path.as_str()),
+                };
+                let id = ids.len() + 1;
+                ids.insert(&e.path, id);
+                children.insert((parent, name), id);
+            }
+        }
+        DirTree { children }
+    }
+
+    fn child(&self, parent: Option<usize>, name: &str) -> Option<usize> {
+        self.children.get(&(parent?, name)).copied()
+    }
+}
+
+/// A `..` in a symlink target may only cancel a component the manifest declares as a
+/// directory. Cancelling a symlink would climb from wherever that symlink points, so
+/// links that each stay inside the root lexically could still chain outside it
+/// (`r/a/b/l -> ../..`, then `r/m -> a/b/l/../../../etc`). Cancelling an undeclared
+/// name is refused too: it could be created as such a link later.
+fn validate_symlink_hops(path: &str, target: &str, tree: &DirTree) -> Result<(), ManifestError> {
+    // Ids of the components walked so far; None for anything but a declared directory.
+    let mut stack: Vec<Option<usize>> = Vec::new();
+    let mut at = Some(0);
+    let (dir, _) = path.rsplit_once('/').unwrap_or(("", path));
+    for c in dir.split('/').filter(|c| !c.is_empty()) {
+        at = tree.child(at, c);
+        stack.push(at);
+    }
+    for comp in target.split('/') {
+        match comp {
+            "" | "." => {}
+            ".." => {
+                if stack.pop().flatten().is_none() {
+                    return Err(ManifestError::SymlinkEscape {
+                        path: path.to_string(),
+                        target: target.chars().take(200).collect(),
+                    });
+                }
+            }
+            c => {
+                let parent = stack.last().copied().unwrap_or(Some(0));
+                stack.push(tree.child(parent, c));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Manifest {
     /// Build a manifest for the given roots, hashing on several threads.
     pub fn build(roots: &[PathBuf], opts: &BuildOptions) -> Result<Manifest, ManifestError> {
@@ -372,6 +437,18 @@ impl Manifest {
                     if pieces > MAX_PIECES {
                         return mal("too many pieces".into());
                     }
+                }
+            }
+        }
+        if self
+            .entries
+            .iter()
+            .any(|e| matches!(e.kind, EntryKind::Symlink { .. }))
+        {
+            let tree = DirTree::new(&self.entries);
+            for e in &self.entries {
+                if let EntryKind::Symlink { target } = &e.kind {
+                    validate_symlink_hops(&e.path, target, &tree)?;
                 }
             }
         }
@@ -787,16 +864,50 @@ mod tests {
             Manifest::decode(&m.encode()).unwrap_err(),
             ManifestError::Malformed(_)
         ));
-        // Inside-the-tree symlinks are fine.
-        let mut m = base;
-        m.entries.push(Entry {
+        // Inside-the-tree symlinks are fine, `..` included when it cancels a declared
+        // directory.
+        let mut ok = base.clone();
+        ok.entries.push(Entry {
+            path: "r/x".into(),
+            mode: 0o755,
+            kind: EntryKind::Dir,
+        });
+        ok.entries.push(Entry {
             path: "r/l".into(),
             mode: 0o777,
             kind: EntryKind::Symlink {
                 target: "x/../y".into(),
             },
         });
-        Manifest::decode(&m.encode()).unwrap();
+        Manifest::decode(&ok.encode()).unwrap();
+        // A `..` that cancels a symlink climbs from where that link points: each link
+        // below is inside the root lexically, yet `r/m` resolves to `r/..`, outside.
+        // Cancelling a component the manifest does not declare is refused too (it
+        // could be created as such a link later).
+        let link = |path: &str, target: &str| Entry {
+            path: path.into(),
+            mode: 0o777,
+            kind: EntryKind::Symlink {
+                target: target.into(),
+            },
+        };
+        let dir = |path: &str| Entry {
+            path: path.into(),
+            mode: 0o755,
+            kind: EntryKind::Dir,
+        };
+        let chain = vec![dir("r/a"), link("r/a/l", ".."), link("r/m", "a/l/../x")];
+        let undeclared = vec![link("r/m", "nothere/../x")];
+        for extra in [chain, undeclared] {
+            let mut m = base.clone();
+            m.entries.extend(extra);
+            let err = Manifest::decode(&m.encode()).unwrap_err();
+            assert!(
+                matches!(err, ManifestError::SymlinkEscape { .. }),
+                "{:?}: {err}",
+                m.entries
+            );
+        }
     }
 
     #[test]

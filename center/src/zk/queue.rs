@@ -100,11 +100,35 @@ impl QueueEntry {
     }
 }
 
+/// What `/bodies/<task>` holds. Public (hidden) for the fuzz target only.
+#[doc(hidden)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct BodyHeader {
-    size: u64,
-    chunks: u32,
-    sha256: String,
+pub struct BodyHeader {
+    pub size: u64,
+    pub chunks: u32,
+    pub sha256: String,
+}
+
+impl BodyHeader {
+    /// Decodes a body header read from `path` and checks its bounds: at most
+    /// [`MAX_BODY_BYTES`], and the chunk count that size needs.
+    #[doc(hidden)]
+    pub fn decode(task: u64, path: &str, data: &[u8]) -> Result<BodyHeader, ZkError> {
+        let header: BodyHeader = decode_json(path, data, MAX_HEADER_BYTES)?;
+        let corrupt = |reason: String| ZkError::BodyCorrupt { task, reason };
+        let size = usize::try_from(header.size).unwrap_or(usize::MAX);
+        if size > MAX_BODY_BYTES {
+            return Err(corrupt(format!("header claims {} bytes", header.size)));
+        }
+        let expect = size.div_ceil(CHUNK_BYTES).max(1);
+        if header.chunks as usize != expect {
+            return Err(corrupt(format!(
+                "header claims {} chunks for {size} bytes",
+                header.chunks
+            )));
+        }
+        Ok(header)
+    }
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -515,20 +539,7 @@ impl TaskQueue {
                 path: path.clone(),
                 source,
             })?;
-        let header: BodyHeader = decode_json(&path, &data, MAX_HEADER_BYTES)?;
-        let corrupt = |reason: String| ZkError::BodyCorrupt { task, reason };
-        let size = usize::try_from(header.size).unwrap_or(usize::MAX);
-        if size > MAX_BODY_BYTES {
-            return Err(corrupt(format!("header claims {} bytes", header.size)));
-        }
-        let expect = size.div_ceil(CHUNK_BYTES).max(1);
-        if header.chunks as usize != expect {
-            return Err(corrupt(format!(
-                "header claims {} chunks for {size} bytes",
-                header.chunks
-            )));
-        }
-        Ok(header)
+        BodyHeader::decode(task, &path, &data)
     }
 
     /// Reads a task's body, checking every chunk and the digest. None if it has no

@@ -186,9 +186,12 @@ pub const AUDIT_MAX: usize = 16 * 1024;
 /// Largest token id or meta key, in bytes.
 const KEY_MAX: usize = 256;
 /// Read caps (the write caps plus room for the envelope and the other fields).
-const RESULT_READ_MAX: usize = 2 * OUTPUT_MAX + ERROR_MAX + 4096;
-const TASK_READ_MAX: usize = 1024 * 1024;
-const STATE_READ_MAX: usize = 64;
+#[doc(hidden)]
+pub const RESULT_READ_MAX: usize = 2 * OUTPUT_MAX + ERROR_MAX + 4096;
+#[doc(hidden)]
+pub const TASK_READ_MAX: usize = 1024 * 1024;
+#[doc(hidden)]
+pub const STATE_READ_MAX: usize = 64;
 const COUNTER_READ_MAX: usize = 32;
 /// Per-operation overhead in the size estimate of a multi.
 const OP_OVERHEAD: usize = 64;
@@ -231,23 +234,27 @@ struct Envelope<T> {
     value: T,
 }
 
-/// What `/store/tasks/<id>` holds.
+/// What `/store/tasks/<id>` holds. Public (hidden) for the fuzz target only.
+#[doc(hidden)]
 #[derive(Serialize, Deserialize, Debug, Clone)]
-struct TaskNode {
+pub struct TaskNode {
     /// With an empty body when `external_body`; its `state` is not used (see
     /// [`StateNode`]).
-    record: TaskRecord,
-    external_body: bool,
+    pub record: TaskRecord,
+    pub external_body: bool,
 }
 
-/// What `/store/state/<id>` holds.
+/// What `/store/state/<id>` holds. Public (hidden) for the fuzz target only.
+#[doc(hidden)]
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
-struct StateNode {
-    state: TaskState,
-    open: u64,
+pub struct StateNode {
+    pub state: TaskState,
+    pub open: u64,
 }
 
-fn encode<T: Serialize>(table: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+/// How every record is written (public for the fuzz target's seeds).
+#[doc(hidden)]
+pub fn encode<T: Serialize>(table: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
     postcard::to_allocvec(&Envelope {
         nonce: rand::random(),
         value,
@@ -255,7 +262,9 @@ fn encode<T: Serialize>(table: &'static str, value: &T) -> Result<Vec<u8>, Store
     .map_err(|source| StoreError::Encode { table, source })
 }
 
-fn decode<T: DeserializeOwned>(
+/// How every record is read back, under its kind's cap (public for the fuzz target).
+#[doc(hidden)]
+pub fn decode<T: DeserializeOwned>(
     table: &'static str,
     path: &str,
     data: &[u8],
