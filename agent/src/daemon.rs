@@ -80,6 +80,8 @@ pub enum AgentError {
     BadToken(String),
     #[error("enrolling with the center: {0}")]
     Enroll(String),
+    #[error("enrolling with the center: {0}")]
+    NameTaken(String),
     #[error("setting up TLS: {0}")]
     Tls(#[from] tls::TlsError),
     #[error("binding the QUIC endpoint: {0}")]
@@ -187,6 +189,7 @@ async fn identity(cfg: &AgentConfig, ep: &Endpoint) -> Result<(Identity, Vec<u8>
     let (cert_der, ca_der) = match resp {
         EnrollResponse::Ok { cert, ca } => (cert, ca),
         EnrollResponse::Refused(why) => return Err(AgentError::Enroll(why)),
+        EnrollResponse::NameTaken(why) => return Err(AgentError::NameTaken(why)),
     };
     if Fingerprint::of(&ca_der) != ca_fp {
         return Err(AgentError::Enroll(

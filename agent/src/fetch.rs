@@ -75,6 +75,27 @@ pub fn check_dest(dest: &str) -> Result<PathBuf, String> {
     Ok(p.to_path_buf())
 }
 
+/// Refuses modes with bits above 0o777 (setuid, setgid, sticky) unless the center
+/// allowed them, and anything above 0o7777: the center checks this too, the agent
+/// again in case a center (or a stored task) did not.
+pub fn check_modes(spec: &FetchSpec) -> Result<(), String> {
+    let modes = spec
+        .mode
+        .into_iter()
+        .chain(spec.pool.as_ref().map(|p| p.mode));
+    for m in modes {
+        if m > 0o7777 {
+            return Err(format!("mode {m:#o} is not a file mode"));
+        }
+        if m & !0o777 != 0 && !spec.allow_special_mode {
+            return Err(format!(
+                "mode {m:#o} sets setuid, setgid or sticky bits, which this copy may not"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Fetches per `spec`. The result's stdout lists `md5  path` per file, like md5sum,
 /// then one line `received N bytes in M ms`.
 pub async fn run(
@@ -83,6 +104,7 @@ pub async fn run(
     progress: OnProgress,
 ) -> Result<ExecResult, String> {
     let started = Instant::now();
+    check_modes(spec)?;
     let dest = check_dest(&spec.dest)?;
     let owner = match &spec.owner {
         Some(o) => Some(resolve_owner(o)?),
@@ -111,10 +133,20 @@ pub async fn run(
     };
     let mut stdout = String::new();
     for (path, md5) in &files {
+        use std::os::unix::fs::PermissionsExt;
         if let Some(mode) = spec.mode {
-            use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777))
                 .map_err(|e| format!("setting the mode of {}: {e}", path.display()))?;
+        } else if !spec.allow_special_mode {
+            // A swarm copy takes the source's modes from the manifest: never a setuid,
+            // setgid or sticky bit unless the center allowed it.
+            let meta = std::fs::symlink_metadata(path)
+                .map_err(|e| format!("reading the mode of {}: {e}", path.display()))?;
+            let mode = meta.permissions().mode();
+            if meta.is_file() && mode & 0o7000 != 0 {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o777))
+                    .map_err(|e| format!("setting the mode of {}: {e}", path.display()))?;
+            }
         }
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::chown(path, Some(uid), Some(gid))

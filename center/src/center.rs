@@ -108,17 +108,21 @@ struct EventLog {
 /// its own cap per host and stream).
 const EVENT_LOG_BYTES: usize = 8 << 20;
 
-struct Session {
+pub(crate) struct Session {
     id: u64,
     tx: mpsc::UnboundedSender<CenterMsg>,
     kick: Arc<Notify>,
+    /// To drop the session at once when the host is removed.
+    pub(crate) conn: Connection,
 }
 
 pub(crate) struct Inner {
     pub store: Arc<dyn Store>,
     pub ca: CertAuthority,
     pub heartbeat: Duration,
-    sessions: Mutex<HashMap<String, Session>>,
+    pub(crate) sessions: Mutex<HashMap<String, Session>>,
+    /// Enrollments refused because the name is taken, for `octo agents approve`.
+    pub(crate) enroll_requests: Mutex<BTreeMap<String, crate::hosts::PendingEnroll>>,
     events: Mutex<HashMap<u64, EventLog>>,
     pub events_changed: Notify,
     next_session: std::sync::atomic::AtomicU64,
@@ -368,6 +372,7 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         ca,
         heartbeat: cfg.heartbeat,
         sessions: Mutex::new(HashMap::new()),
+        enroll_requests: Mutex::new(BTreeMap::new()),
         events: Mutex::new(HashMap::new()),
         events_changed: Notify::new(),
         next_session: std::sync::atomic::AtomicU64::new(1),
@@ -528,7 +533,7 @@ async fn serve_enroll(inner: &Inner, conn: Connection) {
             return;
         }
     };
-    if let EnrollResponse::Refused(why) = &resp {
+    if let EnrollResponse::Refused(why) | EnrollResponse::NameTaken(why) = &resp {
         inner
             .metrics
             .enrollments_refused
@@ -572,6 +577,12 @@ fn enroll(inner: &Inner, conn: &Connection, req: EnrollRequest) -> EnrollRespons
     match tls::p256_point_in_cert(&cert) {
         Some(k) if k == req.public_key.as_slice() => {}
         _ => return refuse("the public key is not the one of the handshake".into()),
+    }
+    // A name already enrolled is not taken over: refused (and listed for
+    // `octo agents approve`) unless an admin approved this re-enrollment. Checked
+    // before the token is spent, so a refused enrollment leaves a one-time token.
+    if let Err(resp) = crate::hosts::admit_name(inner, &req.name, conn.remote_address()) {
+        return resp;
     }
     if let Err(e) = inner.store.consume_token(&id, now) {
         return refuse(e.to_string());
@@ -631,10 +642,13 @@ async fn serve_ctl(inner: Arc<Inner>, conn: Connection, cancel: CancellationToke
             return;
         }
     };
-    // Revocation by re-enrollment: only the newest certificate of a host counts.
+    // Revocation by re-enrollment: only the newest certificate of a host counts, and
+    // never one that was revoked (`octo agents rm`, an approved re-enrollment).
     let fp = tls::peer_fingerprint(&conn).map(|f| fingerprint_hex(&f));
     match inner.store.get_host(&host) {
-        Ok(Some(h)) if Some(&h.fingerprint) == fp.as_ref() => {}
+        Ok(Some(h))
+            if Some(&h.fingerprint) == fp.as_ref()
+                && !crate::hosts::is_revoked(&inner, &h.fingerprint) => {}
         _ => {
             warn!(%remote, %host, "closing control connection: unknown or superseded certificate");
             conn.close(
@@ -697,6 +711,7 @@ async fn serve_ctl(inner: Arc<Inner>, conn: Connection, cancel: CancellationToke
             id: sid,
             tx: tx.clone(),
             kick: kick.clone(),
+            conn: conn.clone(),
         },
     ) {
         // The old connection's writer ends when its sender is dropped.

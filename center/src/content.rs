@@ -41,6 +41,7 @@ pub const URL_TTL_SECS: u64 = 2 * 3600;
 /// One file of an upload-based copy: where it goes under the copy's root, its
 /// content and its mode.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct UploadedFile {
     pub path: String,
     pub md5: String,

@@ -3,6 +3,8 @@ pub mod api;
 pub mod auth;
 pub mod center;
 pub mod content;
+pub mod hosts;
+pub mod limits;
 pub mod store;
 pub mod target;
 pub mod zk;
