@@ -650,7 +650,11 @@ async fn serve_ctl(inner: Arc<Inner>, conn: Connection, cancel: CancellationToke
             if Some(&h.fingerprint) == fp.as_ref()
                 && !crate::hosts::is_revoked(&inner, &h.fingerprint) => {}
         _ => {
-            warn!(%remote, %host, "closing control connection: unknown or superseded certificate");
+            inner
+                .metrics
+                .sessions_refused
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(%remote, %host, "closing control connection: unknown, superseded or revoked certificate");
             conn.close(
                 VarInt::from_u32(code::UNAUTHORIZED),
                 b"certificate superseded",
