@@ -575,7 +575,7 @@ fn enroll(inner: &Inner, conn: &Connection, req: EnrollRequest) -> EnrollRespons
         return refuse("no client certificate".into());
     };
     match tls::p256_point_in_cert(&cert) {
-        Some(k) if k == req.public_key.as_slice() => {}
+        Some(k) if k == req.public_key => {}
         _ => return refuse("the public key is not the one of the handshake".into()),
     }
     // A name already enrolled is not taken over: refused (and listed for
