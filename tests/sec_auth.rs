@@ -266,6 +266,33 @@ fn auth_a_seed_ticket_is_hidden_from_other_tokens() {
         admin_view.contains("octo1"),
         "the admin sees the ticket: {admin_view}"
     );
+    // With the ticket anyway, a bare `octo get` (no certificate from the center's CA)
+    // is refused by the host's seed: the fleet's swarms admit only the fleet.
+    let v: Value = serde_json::from_str(&admin_view).unwrap();
+    let ticket = v["hosts"][0]["stdout"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(ticket.starts_with("octo1"), "{ticket}");
+    let stolen = f.dir.path().join("stolen.bin");
+    let stolen_s = stolen.display().to_string();
+    let mut get = Octo::spawn(
+        &bin(),
+        "bare-get",
+        f.dir.path(),
+        &["get", "--json", "--linger", "0s", &ticket, &stolen_s],
+        &[],
+    );
+    let st = get.wait(T);
+    assert!(
+        !st.success(),
+        "a bare get fetched from a managed seed: {:?}",
+        get.drain()
+    );
+    assert!(!stolen.exists());
     let (_, read) = token(&f, &["--scope", "read"]);
     let (_, op) = token(&f, &["--scope", "operator"]);
     for t in [&read, &op] {
@@ -487,7 +514,7 @@ fn auth_enrollment_cannot_take_over_a_name() {
     assert_eq!(st.code(), Some(3), "{}", thief.stderr());
     let said = format!("{:?}", thief.drain());
     assert!(said.contains("already enrolled"), "{said}");
-    assert!(f.online("host-1"));
+    assert!(wait_until(T, || f.online("host-1")));
     let (code, out, err) = f.octo(&["exec", "host-1", "--", "echo still-mine"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("host-1: still-mine"), "{out}");

@@ -393,6 +393,8 @@ pub async fn spawn(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             node_up: octopus_transfer::limit::Limiter::new(cfg.limit_up),
             node_down: octopus_transfer::limit::Limiter::new(cfg.limit_down),
             cached: Arc::default(),
+            identity: Some(id.clone()),
+            trust: tls::Trust::Ca(ca.clone().into()),
         },
         url_key,
         pool_port: pool.as_ref().map_or(0, |p| p.local_addr().port()),

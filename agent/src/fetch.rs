@@ -43,6 +43,10 @@ pub struct FetchCtx {
     pub node_down: Limiter,
     /// Notified when content was added to the cache (the pool's holdings changed).
     pub cached: Arc<tokio::sync::Notify>,
+    /// The agent's CA-issued identity and the CA: the swarms of the fleet admit only
+    /// peers with a certificate from the center's CA.
+    pub identity: Option<octopus_transfer::tls::Identity>,
+    pub trust: octopus_transfer::tls::Trust,
 }
 
 /// Called with (bytes in place, total bytes) about once a second.
@@ -179,6 +183,8 @@ pub async fn seed(spec: &crate::proto::SeedSpec, ctx: &FetchCtx) -> Result<ExecR
         limit_up: spec.limit_up,
         node_up: ctx.node_up.clone(),
         node_down: ctx.node_down.clone(),
+        identity: ctx.identity.clone(),
+        trust: ctx.trust.clone(),
         ..Default::default()
     };
     let h = node::share(
@@ -227,6 +233,8 @@ async fn swarm_fetch(
         node_up: ctx.node_up.clone(),
         node_down: ctx.node_down.clone(),
         tags: spec.tags.clone(),
+        identity: ctx.identity.clone(),
+        trust: ctx.trust.clone(),
         ..Default::default()
     };
     let h = node::get(cfg, ticket, dest)

@@ -225,6 +225,7 @@ pub(crate) fn router(inner: Shared) -> Router {
     let api = Router::new()
         .route("/agents", get(list_agents))
         .route("/agents/pending", get(crate::hosts::list_pending))
+        .route("/certs", post(crate::hosts::issue_seed_cert))
         .route("/agents/{name}/approve", post(crate::hosts::approve))
         .route(
             "/agents/{name}",

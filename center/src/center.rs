@@ -332,8 +332,16 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
     };
     let signer = octopus_agent::urlsig::UrlSigner::from_pkcs8(&url_key)
         .map_err(|e| CenterError::Content(e.to_string()))?;
-    let content = crate::content::Content::open(&cfg.data_dir, cfg.content_quota, signer)
-        .map_err(CenterError::Content)?;
+    // The center's seeds join the fleet's swarms with a certificate from its own CA.
+    let seed_identity = ca.issue_identity("octo-center")?;
+    let content = crate::content::Content::open(
+        &cfg.data_dir,
+        cfg.content_quota,
+        signer,
+        seed_identity,
+        Trust::Ca(ca.cert.clone()),
+    )
+    .map_err(CenterError::Content)?;
 
     let (finish_tx, finish_rx) = mpsc::unbounded_channel();
     // The registry's node name: the agents' address, made a valid name.

@@ -17,11 +17,12 @@
 
 use std::net::SocketAddr;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::Json;
 use octopus_agent::proto::{self, EnrollResponse};
 use quinn::VarInt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use tracing::{info, warn};
@@ -191,4 +192,51 @@ pub(crate) async fn remove(
     Ok(Json(
         json!({"name": name, "removed": true, "revoked": host.fingerprint}),
     ))
+}
+
+/// Longest a seed certificate for the CLI lives.
+const SEED_CERT_MAX: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SeedCertReq {
+    /// The CLI's P-256 public key, the uncompressed point in hex.
+    public_key: String,
+    /// How long the certificate should last (capped at 24 hours; default 1 hour).
+    #[serde(default)]
+    valid_ms: Option<u64>,
+}
+
+/// `POST /api/v1/certs` (operator): a short-lived certificate from the center's CA
+/// for the CLI's own key, so the seed of an `octo cp` joins the fleet's swarm, which
+/// admits only peers with such certificates. Its common name `octo-cli-<token id>`
+/// is no enrolled host, so it opens no control session.
+pub(crate) async fn issue_seed_cert(
+    caller: Caller,
+    State(inner): State<Arc<Inner>>,
+    body: Result<Json<SeedCertReq>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Operator)?;
+    let Json(req) = body?;
+    let key = data_encoding::HEXLOWER_PERMISSIVE
+        .decode(req.public_key.as_bytes())
+        .map_err(|e| ApiError::bad_request(format!("public_key is not hex: {e}")))?;
+    let valid = req
+        .valid_ms
+        .map_or(
+            std::time::Duration::from_secs(3600),
+            std::time::Duration::from_millis,
+        )
+        .min(SEED_CERT_MAX);
+    let cn = format!("octo-cli-{}", caller.token_id);
+    let cert = inner
+        .ca
+        .issue_for(&cn, &key, valid)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let hex = |b: &[u8]| data_encoding::HEXLOWER.encode(b);
+    Ok(Json(json!({
+        "cert": hex(&cert),
+        "ca": hex(&inner.ca.cert),
+        "expires_at": proto::now_ms().saturating_add(valid.as_millis() as u64),
+    })))
 }

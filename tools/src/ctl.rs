@@ -1144,9 +1144,17 @@ pub async fn cp(conn: Conn, a: CpArgs) -> Result<bool> {
                 .collect::<Vec<_>>());
         }
     } else {
+        // The agents' swarm admits only certificates from the center's CA: this seed
+        // gets a short-lived one for its own key (agents still pin it by the ticket).
+        let (c, ttl) = (Client::new(&conn)?, a.ttl);
+        let (identity, ca) = tokio::task::spawn_blocking(move || seed_identity(&c, ttl))
+            .await
+            .context("joining the API client")??;
         let cfg = octopus_transfer::node::NodeConfig {
             listen: "0.0.0.0:0".parse().expect("valid"),
             limit_up: a.limit_up,
+            identity: Some(identity),
+            trust: octopus_transfer::tls::Trust::Ca(ca.into()),
             ..Default::default()
         };
         let s = octopus_transfer::node::share(
@@ -1242,6 +1250,26 @@ fn remote_sources(srcs: &[String]) -> Result<Option<(String, Vec<String>)>> {
         }
     }
     Ok(host.map(|h| (h, paths)))
+}
+
+/// A fresh key with a certificate from the center's CA (valid for `ttl`, at most a
+/// day), and the CA's certificate.
+fn seed_identity(c: &Client, ttl: Duration) -> Result<(octopus_transfer::tls::Identity, Vec<u8>)> {
+    let own = octopus_transfer::tls::Identity::generate().context("generating a key")?;
+    let key = own.public_key_raw().context("reading our public key")?;
+    let v = c.post(
+        "getting a seed certificate",
+        "/certs",
+        &json!({"public_key": data_encoding::HEXLOWER.encode(&key),
+                "valid_ms": ttl.as_millis() as u64}),
+    )?;
+    let hex = |k: &str| -> Result<Vec<u8>> {
+        data_encoding::HEXLOWER_PERMISSIVE
+            .decode(v[k].as_str().unwrap_or("").as_bytes())
+            .with_context(|| format!("reading the center's {k}"))
+    };
+    let (cert, ca) = (hex("cert")?, hex("ca")?);
+    Ok((own.with_cert(cert, vec![ca.clone()]), ca))
 }
 
 /// Asks `host` to seed `paths` and waits for its ticket and the content's size.

@@ -270,6 +270,17 @@ impl CertAuthority {
     /// A certificate for `public_key` (a raw P-256 point) named `cn`, valid for a year,
     /// usable as TLS client and server (mesh nodes are both).
     pub fn issue(&self, cn: &str, public_key: &[u8]) -> Result<CertificateDer<'static>, TlsError> {
+        self.issue_for(cn, public_key, std::time::Duration::from_secs(365 * 86400))
+    }
+
+    /// As [`CertAuthority::issue`], valid for `valid` from now (short-lived
+    /// certificates for the CLI's seeds).
+    pub fn issue_for(
+        &self,
+        cn: &str,
+        public_key: &[u8],
+        valid: std::time::Duration,
+    ) -> Result<CertificateDer<'static>, TlsError> {
         if public_key.len() != 65 || public_key[0] != 0x04 {
             return Err(TlsError::BadCert("not an uncompressed P-256 point".into()));
         }
@@ -288,7 +299,7 @@ impl CertAuthority {
         p.use_authority_key_identifier_extension = true;
         let now = std::time::SystemTime::now();
         p.not_before = (now - std::time::Duration::from_secs(3600)).into();
-        p.not_after = (now + std::time::Duration::from_secs(365 * 86400)).into();
+        p.not_after = (now + valid).into();
         let cert = p.signed_by(&RawP256(public_key), &issuer, &self.key)?;
         Ok(cert.der().clone())
     }
