@@ -547,6 +547,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn special_modes_need_the_centers_allowance() {
+        let mut spec = FetchSpec {
+            ticket: String::new(),
+            dest: "/tmp/x".into(),
+            mkdir: false,
+            mode: Some(0o755),
+            limit_down: None,
+            limit_up: None,
+            linger_ms: 0,
+            owner: None,
+            pool: None,
+            seed: None,
+            size: 0,
+            tags: Vec::new(),
+            allow_special_mode: false,
+        };
+        check_modes(&spec).unwrap();
+        spec.mode = Some(0o4755);
+        assert!(check_modes(&spec).unwrap_err().contains("setuid"));
+        spec.mode = Some(u32::MAX);
+        assert!(check_modes(&spec).is_err());
+        spec.allow_special_mode = true;
+        assert!(check_modes(&spec).is_err(), "not a mode at all");
+        spec.mode = Some(0o4755);
+        check_modes(&spec).unwrap();
+        spec.allow_special_mode = false;
+        spec.mode = None;
+        spec.pool = Some(crate::proto::PoolFile {
+            md5: String::new(),
+            size: 0,
+            name: "f".into(),
+            mode: 0o2775,
+            query: String::new(),
+            origin: String::new(),
+        });
+        assert!(
+            check_modes(&spec).is_err(),
+            "the pool file's mode is checked too"
+        );
+    }
+
+    #[test]
     fn destinations_are_checked() {
         assert!(check_dest("relative/x").is_err());
         assert!(check_dest("/srv/../etc/passwd").is_err());

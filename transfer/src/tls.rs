@@ -154,7 +154,7 @@ impl Identity {
 fn parse_cert(cert: &[u8]) -> Option<x509_parser::certificate::X509Certificate<'_>> {
     use x509_parser::prelude::FromDer;
     match x509_parser::certificate::X509Certificate::from_der(cert) {
-        Ok((rest, c)) if rest.is_empty() => Some(c),
+        Ok(([], c)) => Some(c),
         _ => None,
     }
 }
