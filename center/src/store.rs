@@ -1602,6 +1602,11 @@ pub(crate) mod conformance {
         );
         assert!(!s.set_online("zz", true, 1).unwrap());
         assert!(!s.update_heartbeat("zz", 1, vec![], vec![]).unwrap());
+        // Removing a host (`octo agents rm`) is real, and says whether it was there.
+        assert!(s.remove_host("a").unwrap());
+        assert!(!s.remove_host("a").unwrap());
+        assert!(s.get_host("a").unwrap().is_none());
+        assert_eq!(s.list_hosts().unwrap().len(), 1);
     }
 
     pub(crate) fn tokens_consume_revoke_expire(s: &dyn Store) {
