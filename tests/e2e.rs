@@ -15,6 +15,7 @@ mod fleet;
 mod multi;
 mod sec_fs;
 mod sec_tls;
+mod sec_auth;
 
 const T: Duration = Duration::from_secs(60);
 

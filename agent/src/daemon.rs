@@ -80,6 +80,8 @@ pub enum AgentError {
     BadToken(String),
     #[error("enrolling with the center: {0}")]
     Enroll(String),
+    #[error("enrolling with the center: {0}")]
+    NameTaken(String),
     #[error("setting up TLS: {0}")]
     Tls(#[from] tls::TlsError),
     #[error("binding the QUIC endpoint: {0}")]
@@ -220,6 +222,7 @@ async fn identity(cfg: &AgentConfig, ep: &Endpoint) -> Result<(Identity, Vec<u8>
     let (cert_der, ca_der) = match resp {
         EnrollResponse::Ok { cert, ca } => (cert, ca),
         EnrollResponse::Refused(why) => return Err(AgentError::Enroll(why)),
+        EnrollResponse::NameTaken(why) => return Err(AgentError::NameTaken(why)),
     };
     if Fingerprint::of(&ca_der) != ca_fp {
         return Err(AgentError::Enroll(
@@ -436,6 +439,8 @@ pub async fn spawn(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             node_down: octopus_transfer::limit::Limiter::new(cfg.limit_down),
             cached: Arc::default(),
             ca: Arc::new(ca.clone()),
+            identity: Some(id.clone()),
+            trust: tls::Trust::Ca(ca.clone().into()),
         },
         url_key,
         pool_port: pool.as_ref().map_or(0, |p| p.local_addr().port()),

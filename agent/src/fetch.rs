@@ -49,6 +49,10 @@ pub struct FetchCtx {
     pub cached: Arc<tokio::sync::Notify>,
     /// The center's CA (DER), pinned at enrollment: it verifies the center's HTTPS.
     pub ca: Arc<Vec<u8>>,
+    /// The agent's CA-issued identity and the CA: the swarms of the fleet admit only
+    /// peers with a certificate from the center's CA.
+    pub identity: Option<octopus_transfer::tls::Identity>,
+    pub trust: octopus_transfer::tls::Trust,
 }
 
 /// Called with (bytes in place, total bytes) about once a second.
@@ -81,6 +85,27 @@ pub fn check_dest(dest: &str) -> Result<PathBuf, String> {
     Ok(p.to_path_buf())
 }
 
+/// Refuses modes with bits above 0o777 (setuid, setgid, sticky) unless the center
+/// allowed them, and anything above 0o7777: the center checks this too, the agent
+/// again in case a center (or a stored task) did not.
+pub fn check_modes(spec: &FetchSpec) -> Result<(), String> {
+    let modes = spec
+        .mode
+        .into_iter()
+        .chain(spec.pool.as_ref().map(|p| p.mode));
+    for m in modes {
+        if m > 0o7777 {
+            return Err(format!("mode {m:#o} is not a file mode"));
+        }
+        if m & !0o777 != 0 && !spec.allow_special_mode {
+            return Err(format!(
+                "mode {m:#o} sets setuid, setgid or sticky bits, which this copy may not"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Fetches per `spec`. The result's stdout lists `md5  path` per file, like md5sum,
 /// then one line `received N bytes in M ms`.
 pub async fn run(
@@ -89,6 +114,7 @@ pub async fn run(
     progress: OnProgress,
 ) -> Result<ExecResult, String> {
     let started = Instant::now();
+    check_modes(spec)?;
     let dest = check_dest(&spec.dest)?;
     let owner = match &spec.owner {
         Some(o) => Some(resolve_owner(o)?),
@@ -149,6 +175,8 @@ pub async fn seed(spec: &crate::proto::SeedSpec, ctx: &FetchCtx) -> Result<ExecR
         limit_up: spec.limit_up,
         node_up: ctx.node_up.clone(),
         node_down: ctx.node_down.clone(),
+        identity: ctx.identity.clone(),
+        trust: ctx.trust.clone(),
         ..Default::default()
     };
     let h = node::share(
@@ -201,7 +229,10 @@ async fn swarm_fetch(
         finish: Finish {
             mode: spec.mode.map(|m| m & 0o7777),
             owner,
+            strip_special: !spec.allow_special_mode,
         },
+        identity: ctx.identity.clone(),
+        trust: ctx.trust.clone(),
         ..Default::default()
     };
     let h = node::get(cfg, ticket, dest)
@@ -591,6 +622,48 @@ pub fn resolve_owner(spec: &str) -> Result<(u32, u32), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn special_modes_need_the_centers_allowance() {
+        let mut spec = FetchSpec {
+            ticket: String::new(),
+            dest: "/tmp/x".into(),
+            mkdir: false,
+            mode: Some(0o755),
+            limit_down: None,
+            limit_up: None,
+            linger_ms: 0,
+            owner: None,
+            pool: None,
+            seed: None,
+            size: 0,
+            tags: Vec::new(),
+            allow_special_mode: false,
+        };
+        check_modes(&spec).unwrap();
+        spec.mode = Some(0o4755);
+        assert!(check_modes(&spec).unwrap_err().contains("setuid"));
+        spec.mode = Some(u32::MAX);
+        assert!(check_modes(&spec).is_err());
+        spec.allow_special_mode = true;
+        assert!(check_modes(&spec).is_err(), "not a mode at all");
+        spec.mode = Some(0o4755);
+        check_modes(&spec).unwrap();
+        spec.allow_special_mode = false;
+        spec.mode = None;
+        spec.pool = Some(crate::proto::PoolFile {
+            md5: String::new(),
+            size: 0,
+            name: "f".into(),
+            mode: 0o2775,
+            query: String::new(),
+            origin: String::new(),
+        });
+        assert!(
+            check_modes(&spec).is_err(),
+            "the pool file's mode is checked too"
+        );
+    }
 
     #[test]
     fn destinations_are_checked() {

@@ -62,6 +62,9 @@ pub enum EnrollResponse {
         ca: Vec<u8>,
     },
     Refused(String),
+    /// The name is enrolled already and no admin approved a re-enrollment
+    /// (`octo agents approve NAME`).
+    NameTaken(String),
 }
 
 /// What a task asks an agent to do. New variants go at the end: stored tasks are
@@ -113,6 +116,10 @@ pub struct FetchSpec {
     /// This host's locality tags (`idc=..`, `rack=..`), filled in by the center at
     /// delivery: the tracker hands the agent peers that share them first.
     pub tags: Vec<String>,
+    /// `mode` (or the pool file's) may carry setuid, setgid or sticky bits: the
+    /// center allows that only for the admin scope. Without it the agent refuses them.
+    #[serde(default)]
+    pub allow_special_mode: bool,
 }
 
 /// One file the pool serves, by content.

@@ -102,10 +102,12 @@ pub struct Caller {
     pub token_id: String,
     pub scope: Scope,
     pub addr: SocketAddr,
+    /// The token's least-privilege limits (see `limits.rs`).
+    pub limits: crate::limits::TokenLimits,
 }
 
 impl Caller {
-    fn require(&self, needed: Scope) -> Result<(), ApiError> {
+    pub(crate) fn require(&self, needed: Scope) -> Result<(), ApiError> {
         if self.scope.allows(needed) {
             Ok(())
         } else {
@@ -143,23 +145,34 @@ impl FromRequestParts<Shared> for Caller {
             .store
             .get_token(&id)?
             .ok_or_else(|| ApiError::unauthorized("unknown token"))?;
-        if rec.scope == Scope::Enroll {
-            return Err(ApiError::forbidden(
-                "an enroll token can only enroll agents, not call the API",
-            ));
-        }
-        // Scope is checked per handler; here only identity, validity and address.
-        auth::check(&rec, &secret, rec.scope, addr.ip(), proto::now_ms()).map_err(|e| {
+        // Who you are first (the secret: 401), then what you may do (403). Scope is
+        // checked per handler; here only identity, validity and address.
+        let now = proto::now_ms();
+        auth::check(&rec, &secret, rec.scope, addr.ip(), now).map_err(|e| {
             if e.is_forbidden() {
                 ApiError::forbidden(e.to_string())
             } else {
                 ApiError::unauthorized(e.to_string())
             }
         })?;
+        if rec.scope == Scope::Enroll {
+            return Err(ApiError::forbidden(
+                "an enroll token can only enroll agents, not call the API",
+            ));
+        }
+        // A one-time token is spent by the first call that passed the checks, in one
+        // transaction, so two concurrent calls cannot both use it.
+        if rec.one_time {
+            state.store.consume_token(&id, now).map_err(|e| match e {
+                crate::store::TokenUseError::Store(e) => ApiError::internal(e),
+                e => ApiError::unauthorized(e.to_string()),
+            })?;
+        }
         Ok(Caller {
             token_id: id,
             scope: rec.scope,
             addr,
+            limits: rec.limits,
         })
     }
 }
@@ -181,8 +194,16 @@ async fn audit(State(inner): State<Shared>, req: Request, next: Next) -> Respons
         .and_then(|t| auth::parse_token(t.trim()).ok())
         .map(|(id, _)| id)
         .unwrap_or_else(|| "-".into());
+    // Content downloads are audited too, signed URLs included: the content may be a
+    // secret.
+    let download = path.starts_with("/api/v1/files/");
+    let detail = if download && req.uri().query().is_some_and(|q| q.contains("sig=")) {
+        "signed URL".to_string()
+    } else {
+        String::new()
+    };
     let resp = next.run(req).await;
-    if method != Method::GET && method != Method::HEAD {
+    if (method != Method::GET && method != Method::HEAD) || download {
         let entry = crate::store::AuditEntry {
             seq: 0,
             at: proto::now_ms(),
@@ -191,7 +212,7 @@ async fn audit(State(inner): State<Shared>, req: Request, next: Next) -> Respons
             method: method.to_string(),
             path,
             status: resp.status().as_u16(),
-            detail: String::new(),
+            detail,
         };
         if let Err(e) = inner.store.append_audit(entry) {
             tracing::error!("writing the audit log: {e}");
@@ -203,6 +224,13 @@ async fn audit(State(inner): State<Shared>, req: Request, next: Next) -> Respons
 pub(crate) fn router(inner: Shared) -> Router {
     let api = Router::new()
         .route("/agents", get(list_agents))
+        .route("/agents/pending", get(crate::hosts::list_pending))
+        .route("/certs", post(crate::hosts::issue_seed_cert))
+        .route("/agents/{name}/approve", post(crate::hosts::approve))
+        .route(
+            "/agents/{name}",
+            axum::routing::delete(crate::hosts::remove),
+        )
         .route("/tasks", post(create_task).get(list_tasks))
         .route("/tasks/{id}", get(show_task))
         .route("/tasks/{id}/events", get(task_events))
@@ -386,6 +414,7 @@ async fn list_agents(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct NewTask {
     target: String,
     /// "shell" (default), "python" or "jar".
@@ -445,9 +474,13 @@ struct NewTask {
     /// For kind "seed": how long the host keeps seeding (default: the TTL).
     #[serde(default)]
     hold_ms: Option<u64>,
+    /// Allow setuid, setgid and sticky bits in `mode` (admin scope only).
+    #[serde(default)]
+    allow_special_mode: bool,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PoolFileReq {
     md5: String,
     size: u64,
@@ -460,6 +493,31 @@ fn default_mode() -> u32 {
     0o644
 }
 
+/// A copy's mode: permission bits only (0o777), unless setuid, setgid or sticky bits
+/// were asked for explicitly (`--allow-special-mode`), which needs the admin scope.
+/// The agent checks again.
+fn check_mode(mode: u32, allow_special: bool, caller: &Caller) -> Result<(), ApiError> {
+    if mode > 0o7777 {
+        return Err(ApiError::bad_request(format!(
+            "mode {mode:#o} is not a file mode (at most 0o7777)"
+        )));
+    }
+    if mode & !0o777 != 0 {
+        if !allow_special {
+            return Err(ApiError::bad_request(format!(
+                "mode {mode:#o} sets setuid, setgid or sticky bits: pass --allow-special-mode \
+                 (admin scope) if you mean it"
+            )));
+        }
+        if caller.scope != Scope::Admin {
+            return Err(ApiError::forbidden(format!(
+                "mode {mode:#o} sets setuid, setgid or sticky bits, which needs the admin scope"
+            )));
+        }
+    }
+    Ok(())
+}
+
 async fn create_task(
     caller: Caller,
     State(inner): State<Shared>,
@@ -467,6 +525,22 @@ async fn create_task(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller.require(Scope::Operator)?;
     let Json(t) = body?;
+    let kind_name = match t.kind.as_deref() {
+        Some("fetch") => "cp",
+        Some("seed") => "seed",
+        _ => "exec",
+    };
+    crate::limits::check_task(
+        caller.scope,
+        &caller.limits,
+        &crate::limits::TaskAsk {
+            kind: kind_name,
+            target: &t.target,
+            user: t.user.as_deref(),
+            owner: t.owner.as_deref(),
+        },
+        inner.store.as_ref(),
+    )?;
     let batch = match &t.batch {
         Some(b) => b.parse::<Batch>().map_err(ApiError::bad_request)?,
         None => Batch::All,
@@ -481,6 +555,16 @@ async fn create_task(
                 "destination {dest:?} must be absolute, without '.' or '..'"
             )));
         }
+        let special = t.allow_special_mode;
+        if let Some(m) = t.mode {
+            check_mode(m, special, &caller)?;
+        }
+        if let Some(p) = &t.pool {
+            check_mode(p.mode, special, &caller)?;
+        }
+        for f in t.upload.iter().flatten() {
+            check_mode(f.mode, special, &caller)?;
+        }
         let mut spec = octopus_agent::proto::FetchSpec {
             ticket: String::new(),
             dest: dest.clone(),
@@ -494,6 +578,7 @@ async fn create_task(
             seed: None,
             size: t.size,
             tags: Vec::new(),
+            allow_special_mode: special,
         };
         match (t.ticket, t.pool, t.upload) {
             (Some(ticket), None, None) => spec.ticket = ticket,
@@ -760,6 +845,20 @@ fn task_json(inner: &Inner, rec: TaskRecord, with_output: bool) -> Result<Value,
     }))
 }
 
+/// What a caller that may not see a task's output gets instead.
+const HIDDEN: &str = "[output hidden: it holds a credential]";
+
+/// Whether the caller may read a task's output. A seed's output is its ticket, a
+/// credential to whatever the host serves: only the admin scope and the token that
+/// created the seed see it.
+fn may_see_output(caller: &Caller, rec: &TaskRecord) -> bool {
+    let seed = matches!(
+        postcard::from_bytes::<TaskBody>(&rec.body),
+        Ok(TaskBody::Seed(_)) | Err(_)
+    );
+    !seed || caller.scope == Scope::Admin || caller.token_id == rec.created_by
+}
+
 async fn show_task(
     caller: Caller,
     State(inner): State<Shared>,
@@ -770,7 +869,8 @@ async fn show_task(
         .store
         .get_task(id)?
         .ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
-    Ok(Json(task_json(&inner, rec, true)?))
+    let with_output = may_see_output(&caller, &rec);
+    Ok(Json(task_json(&inner, rec, with_output)?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -846,6 +946,7 @@ async fn task_progress(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AdoptReq {
     upload: Vec<crate::content::UploadedFile>,
 }
@@ -860,6 +961,9 @@ async fn adopt_copy(
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Scope::Operator)?;
     let Json(req) = body?;
+    for f in &req.upload {
+        check_mode(f.mode, caller.scope == Scope::Admin, &caller)?;
+    }
     let seed = center::adopt_copy(&inner, id, &req.upload).await?;
     Ok(Json(json!({"id": id, "seed": seed})))
 }
@@ -888,7 +992,7 @@ async fn list_files(caller: Caller, State(inner): State<Shared>) -> Result<Json<
 }
 
 /// `GET /api/v1/files/{md5}`: a URL the center signed (agents, `curl -L`) or a token
-/// with the read scope. Redirects to the least-loaded pool member holding the
+/// with the operator scope; audited either way. Redirects to the least-loaded pool member holding the
 /// content, or serves the center's own copy.
 async fn get_file(
     State(inner): State<Shared>,
@@ -902,7 +1006,8 @@ async fn get_file(
             .map_err(ApiError::forbidden)
     } else {
         match Caller::from_request_parts(&mut parts, &inner).await {
-            Ok(c) => c.require(Scope::Read),
+            // Content may be a secret (a 0600 file): operators only.
+            Ok(c) => c.require(Scope::Operator),
             Err(e) => Err(e),
         }
     };
@@ -949,7 +1054,14 @@ async fn task_events(
         // wakes up once per batch of events.
         let pending = inner.store.open_hosts(id)?;
         let finished = rec.state != TaskState::Running || pending == 0;
-        let (events, next) = center::events_since(&inner, id, q.after);
+        let (mut events, next) = center::events_since(&inner, id, q.after);
+        if !may_see_output(&caller, &rec) {
+            for e in &mut events {
+                if e.kind == "stdout" || e.kind == "stderr" {
+                    e.data = HIDDEN.to_string();
+                }
+            }
+        }
         if !events.is_empty() || finished || tokio::time::Instant::now() >= deadline {
             return Ok(Json(json!({
                 "events": events,
@@ -968,14 +1080,22 @@ async fn cancel_task(
     Path(id): Path<u64>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Scope::Operator)?;
-    if inner.store.get_task(id)?.is_none() {
+    let Some(rec) = inner.store.get_task(id)? else {
         return Err(ApiError::not_found(format!("no task {id}")));
+    };
+    if caller.scope != Scope::Admin && rec.created_by != caller.token_id {
+        return Err(ApiError::forbidden(format!(
+            "task {id} was created by token {}: an operator may cancel only its own tasks \
+             (admin any)",
+            rec.created_by
+        )));
     }
     let told = center::cancel_task(&inner, id)?;
     Ok(Json(json!({ "id": id, "stopping_on": told })))
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct NewToken {
     scope: String,
     #[serde(default)]
@@ -986,6 +1106,8 @@ struct NewToken {
     one_time: bool,
     #[serde(default)]
     note: String,
+    #[serde(default)]
+    limits: crate::limits::TokenLimits,
 }
 
 async fn create_token(
@@ -1008,7 +1130,8 @@ async fn create_token(
                 .map_err(|e| ApiError::bad_request(e.to_string()))?,
         );
     }
-    let (text, rec) = auth::new_token(
+    t.limits.validate().map_err(ApiError::bad_request)?;
+    let (text, mut rec) = auth::new_token(
         scope,
         allow,
         t.ttl_ms.map(Duration::from_millis),
@@ -1016,6 +1139,7 @@ async fn create_token(
         t.note,
         proto::now_ms(),
     );
+    rec.limits = t.limits;
     inner.store.put_token(&rec)?;
     // Every token carries the CA fingerprint: agents pin it at enrollment, the CLI
     // pins the API's certificate with it.
@@ -1039,6 +1163,7 @@ async fn list_tokens(caller: Caller, State(inner): State<Shared>) -> Result<Json
                 "id": t.id, "scope": t.scope.to_string(), "allow": t.allow,
                 "created_at": t.created_at, "expires_at": t.expires_at,
                 "one_time": t.one_time, "uses": t.uses, "revoked": t.revoked, "note": t.note,
+                "limits": t.limits,
             })
         })
         .collect();

@@ -109,6 +109,7 @@ pub fn new_token(
         uses: 0,
         revoked: false,
         note,
+        limits: Default::default(),
     };
     (text, record)
 }

@@ -115,17 +115,21 @@ struct EventLog {
 /// its own cap per host and stream).
 const EVENT_LOG_BYTES: usize = 8 << 20;
 
-struct Session {
+pub(crate) struct Session {
     id: u64,
     tx: mpsc::UnboundedSender<CenterMsg>,
     kick: Arc<Notify>,
+    /// To drop the session at once when the host is removed.
+    pub(crate) conn: Connection,
 }
 
 pub(crate) struct Inner {
     pub store: Arc<dyn Store>,
     pub ca: CertAuthority,
     pub heartbeat: Duration,
-    sessions: Mutex<HashMap<String, Session>>,
+    pub(crate) sessions: Mutex<HashMap<String, Session>>,
+    /// Enrollments refused because the name is taken, for `octo agents approve`.
+    pub(crate) enroll_requests: Mutex<BTreeMap<String, crate::hosts::PendingEnroll>>,
     events: Mutex<HashMap<u64, EventLog>>,
     pub events_changed: Notify,
     next_session: std::sync::atomic::AtomicU64,
@@ -372,8 +376,16 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
     };
     let signer = octopus_agent::urlsig::UrlSigner::from_pkcs8(&url_key)
         .map_err(|e| CenterError::Content(e.to_string()))?;
-    let content = crate::content::Content::open(&cfg.data_dir, cfg.content_quota, signer)
-        .map_err(CenterError::Content)?;
+    // The center's seeds join the fleet's swarms with a certificate from its own CA.
+    let seed_identity = ca.issue_identity("octo-center")?;
+    let content = crate::content::Content::open(
+        &cfg.data_dir,
+        cfg.content_quota,
+        signer,
+        seed_identity,
+        Trust::Ca(ca.cert.clone()),
+    )
+    .map_err(CenterError::Content)?;
 
     let (finish_tx, finish_rx) = mpsc::unbounded_channel();
     // The registry's node name: the agents' address, made a valid name.
@@ -412,6 +424,7 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         ca,
         heartbeat: cfg.heartbeat,
         sessions: Mutex::new(HashMap::new()),
+        enroll_requests: Mutex::new(BTreeMap::new()),
         events: Mutex::new(HashMap::new()),
         events_changed: Notify::new(),
         next_session: std::sync::atomic::AtomicU64::new(1),
@@ -573,7 +586,7 @@ async fn serve_enroll(inner: &Inner, conn: Connection) {
             return;
         }
     };
-    if let EnrollResponse::Refused(why) = &resp {
+    if let EnrollResponse::Refused(why) | EnrollResponse::NameTaken(why) = &resp {
         inner
             .metrics
             .enrollments_refused
@@ -615,8 +628,14 @@ fn enroll(inner: &Inner, conn: &Connection, req: EnrollRequest) -> EnrollRespons
         return refuse("no client certificate".into());
     };
     match tls::p256_point_in_cert(&cert) {
-        Some(k) if k == req.public_key.as_slice() => {}
+        Some(k) if k == req.public_key => {}
         _ => return refuse("the public key is not the one of the handshake".into()),
+    }
+    // A name already enrolled is not taken over: refused (and listed for
+    // `octo agents approve`) unless an admin approved this re-enrollment. Checked
+    // before the token is spent, so a refused enrollment leaves a one-time token.
+    if let Err(resp) = crate::hosts::admit_name(inner, &req.name, conn.remote_address()) {
+        return resp;
     }
     if let Err(e) = inner.store.consume_token(&id, now) {
         return refuse(e.to_string());
@@ -676,12 +695,19 @@ async fn serve_ctl(inner: Arc<Inner>, conn: Connection, cancel: CancellationToke
             return;
         }
     };
-    // Revocation by re-enrollment: only the newest certificate of a host counts.
+    // Revocation by re-enrollment: only the newest certificate of a host counts, and
+    // never one that was revoked (`octo agents rm`, an approved re-enrollment).
     let fp = tls::peer_fingerprint(&conn).map(|f| fingerprint_hex(&f));
     match inner.store.get_host(&host) {
-        Ok(Some(h)) if Some(&h.fingerprint) == fp.as_ref() => {}
+        Ok(Some(h))
+            if Some(&h.fingerprint) == fp.as_ref()
+                && !crate::hosts::is_revoked(&inner, &h.fingerprint) => {}
         _ => {
-            warn!(%remote, %host, "closing control connection: unknown or superseded certificate");
+            inner
+                .metrics
+                .sessions_refused
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(%remote, %host, "closing control connection: unknown, superseded or revoked certificate");
             conn.close(
                 VarInt::from_u32(code::UNAUTHORIZED),
                 b"certificate superseded",
@@ -742,6 +768,7 @@ async fn serve_ctl(inner: Arc<Inner>, conn: Connection, cancel: CancellationToke
             id: sid,
             tx: tx.clone(),
             kick: kick.clone(),
+            conn: conn.clone(),
         },
     ) {
         // The old connection's writer ends when its sender is dropped.

@@ -41,6 +41,7 @@ pub const URL_TTL_SECS: u64 = 2 * 3600;
 /// One file of an upload-based copy: where it goes under the copy's root, its
 /// content and its mode.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct UploadedFile {
     pub path: String,
     pub md5: String,
@@ -62,6 +63,10 @@ struct PoolState {
 pub(crate) struct Content {
     pub cache: Arc<ContentCache>,
     pub signer: UrlSigner,
+    /// The center's own CA-issued identity and the CA: its seeds admit only peers of
+    /// the fleet.
+    swarm_identity: octopus_transfer::tls::Identity,
+    swarm_trust: octopus_transfer::tls::Trust,
     seeds_dir: PathBuf,
     seeds: Mutex<HashMap<String, Arc<NodeHandle>>>,
     pool: Mutex<PoolState>,
@@ -105,7 +110,13 @@ pub fn check_rel_path(path: &str) -> Result<PathBuf, String> {
 }
 
 impl Content {
-    pub fn open(data_dir: &Path, quota: u64, signer: UrlSigner) -> Result<Content, String> {
+    pub fn open(
+        data_dir: &Path,
+        quota: u64,
+        signer: UrlSigner,
+        swarm_identity: octopus_transfer::tls::Identity,
+        swarm_trust: octopus_transfer::tls::Trust,
+    ) -> Result<Content, String> {
         let cache = ContentCache::open(&data_dir.join("content"), quota)
             .map_err(|e| format!("opening the content cache: {e}"))?;
         let seeds_dir = data_dir.join("seeds");
@@ -114,6 +125,8 @@ impl Content {
         Ok(Content {
             cache: Arc::new(cache),
             signer,
+            swarm_identity,
+            swarm_trust,
             seeds_dir,
             seeds: Mutex::new(HashMap::new()),
             pool: Mutex::new(PoolState::default()),
@@ -239,7 +252,12 @@ impl Content {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .collect();
         roots.sort();
-        let h = node::share(NodeConfig::default(), roots, BuildOptions::default())
+        let cfg = NodeConfig {
+            identity: Some(self.swarm_identity.clone()),
+            trust: self.swarm_trust.clone(),
+            ..Default::default()
+        };
+        let h = node::share(cfg, roots, BuildOptions::default())
             .await
             .map_err(|e| format!("seeding: {e}"))?;
         info!(seed = name, content = %h.ticket().content, "center seeding");
@@ -445,7 +463,15 @@ mod tests {
 
     fn content(dir: &Path) -> Content {
         let key = UrlSigner::generate().unwrap();
-        Content::open(dir, 1 << 20, UrlSigner::from_pkcs8(&key).unwrap()).unwrap()
+        let ca = octopus_transfer::tls::CertAuthority::generate().unwrap();
+        Content::open(
+            dir,
+            1 << 20,
+            UrlSigner::from_pkcs8(&key).unwrap(),
+            ca.issue_identity("octo-center").unwrap(),
+            octopus_transfer::tls::Trust::Ca(ca.cert.clone()),
+        )
+        .unwrap()
     }
 
     #[test]

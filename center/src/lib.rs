@@ -4,6 +4,8 @@ pub mod auth;
 pub mod center;
 pub mod content;
 pub mod https;
+pub mod hosts;
+pub mod limits;
 pub mod store;
 pub mod target;
 pub mod zk;

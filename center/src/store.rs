@@ -126,6 +126,9 @@ pub struct TokenRecord {
     pub uses: u64,
     pub revoked: bool,
     pub note: String,
+    /// Least-privilege limits (target, users, task kinds); empty limits nothing.
+    #[serde(default)]
+    pub limits: crate::limits::TokenLimits,
 }
 
 impl TokenRecord {
@@ -468,6 +471,8 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts or replaces the host with `host.name`.
     fn put_host(&self, host: &HostRecord) -> Result<(), StoreError>;
     fn get_host(&self, name: &str) -> Result<Option<HostRecord>, StoreError>;
+    /// Removes the host (`octo agents rm`). Returns false when there was none.
+    fn remove_host(&self, name: &str) -> Result<bool, StoreError>;
     /// Ordered by name.
     fn list_hosts(&self) -> Result<Vec<HostRecord>, StoreError>;
     /// Going online clears `offline_since` and sets `last_seen`; going offline sets
@@ -813,6 +818,10 @@ impl Store for RedbStore {
                 .insert(host.name.as_str(), bytes.as_slice())?;
             Ok(())
         })
+    }
+
+    fn remove_host(&self, name: &str) -> Result<bool, StoreError> {
+        self.write(|tx| Ok(tx.open_table(HOSTS)?.remove(name)?.is_some()))
     }
 
     fn get_host(&self, name: &str) -> Result<Option<HostRecord>, StoreError> {
@@ -1185,6 +1194,7 @@ pub(crate) mod conformance {
             uses: 0,
             revoked: false,
             note: format!("note for {id}"),
+            limits: Default::default(),
         }
     }
 
@@ -1596,6 +1606,11 @@ pub(crate) mod conformance {
         );
         assert!(!s.set_online("zz", true, 1).unwrap());
         assert!(!s.update_heartbeat("zz", 1, vec![], vec![]).unwrap());
+        // Removing a host (`octo agents rm`) is real, and says whether it was there.
+        assert!(s.remove_host("a").unwrap());
+        assert!(!s.remove_host("a").unwrap());
+        assert!(s.get_host("a").unwrap().is_none());
+        assert_eq!(s.list_hosts().unwrap().len(), 1);
     }
 
     pub(crate) fn tokens_consume_revoke_expire(s: &dyn Store) {

@@ -11,11 +11,13 @@
 //! The replay test uses that answer to check that seeds named `ok_*` are accepted and
 //! seeds named `bad_*` are refused, so a seed corpus cannot silently rot.
 
+mod cert;
 mod decoders;
 mod manifest;
 mod records;
 mod text;
 
+pub use cert::cert_parse;
 pub use decoders::{control_decode, frame_decode, ticket_decode};
 pub use manifest::{check_path_safety, manifest_decode};
 pub use records::{store_records, zk_queue};
@@ -39,6 +41,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("enroll_token", enroll_token),
     ("zk_queue", zk_queue),
     ("store_records", store_records),
+    ("cert_parse", cert_parse),
 ];
 
 /// The longest UTF-8 prefix of `data`, as libfuzzer's `&str` input takes it.

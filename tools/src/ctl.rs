@@ -78,11 +78,21 @@ pub enum TokenCmd {
         /// Expire after this long (e.g. 1h, 30m).
         #[arg(long, value_parser = crate::parse_duration)]
         ttl: Option<Duration>,
-        /// Usable once (for enroll tokens).
+        /// Usable for one call (one enrollment, or one API call).
         #[arg(long)]
         one_time: bool,
         #[arg(long, default_value = "")]
         note: String,
+        /// Tasks may only reach hosts this target selects (names, globs, tags).
+        #[arg(long)]
+        limit_target: Option<String>,
+        /// Commands may only run as these Unix users (repeatable or comma list;
+        /// `root` here allows root to an operator token).
+        #[arg(long, value_delimiter = ',')]
+        limit_user: Vec<String>,
+        /// Only these task kinds: exec, cp, seed (repeatable or comma list).
+        #[arg(long, value_delimiter = ',')]
+        limit_kind: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -292,6 +302,93 @@ impl Client {
             .send_json(body);
         self.finish(what, r)
     }
+
+    pub fn delete(&self, what: &str, path: &str) -> Result<Value> {
+        let r = self
+            .http
+            .delete(self.url(path))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call();
+        self.finish(what, r)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AgentsCmd {
+    /// Allow the next enrollment of NAME, which is enrolled already, once (its old
+    /// certificate is revoked then). Without NAME, list the refused enrollments.
+    Approve {
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a host: revoke its certificate and drop its session.
+    Rm {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn agents_cmd(conn: &Conn, cmd: AgentsCmd) -> Result<()> {
+    let c = Client::new(conn)?;
+    match cmd {
+        AgentsCmd::Approve { name: None, json } => {
+            let v = c.get("listing refused enrollments", "/agents/pending")?;
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+                return Ok(());
+            }
+            let list = v.as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("no refused enrollments");
+            }
+            for p in &list {
+                println!(
+                    "{:<20} from {:<22} {} ago",
+                    p["name"].as_str().unwrap_or(""),
+                    p["addr"].as_str().unwrap_or(""),
+                    ago(unix_ms().saturating_sub(p["at"].as_u64().unwrap_or(0)))
+                );
+            }
+            if !list.is_empty() {
+                println!("approve one with: octo agents approve NAME");
+            }
+        }
+        AgentsCmd::Approve {
+            name: Some(name),
+            json,
+        } => {
+            let v = c.post(
+                &format!("approving the re-enrollment of {name}"),
+                &format!("/agents/{}/approve", urlencode(&name)),
+                &json!({}),
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("{name} may enroll again, once");
+            }
+        }
+        AgentsCmd::Rm { name, json } => {
+            let v = c.delete(
+                &format!("removing host {name}"),
+                &format!("/agents/{}", urlencode(&name)),
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("{name} removed; its certificate is revoked");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 pub fn agents(conn: &Conn, target: Option<String>, json_out: bool) -> Result<()> {
@@ -667,6 +764,33 @@ pub fn task(conn: &Conn, cmd: TaskCmd) -> Result<bool> {
     }
 }
 
+/// A token's limits in one column: `target=role=web user=deploy kind=exec,cp`.
+fn limits_text(l: &Value) -> String {
+    let list = |k: &str| {
+        l[k].as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut parts = Vec::new();
+    if let Some(t) = l["target"].as_str() {
+        parts.push(format!("target={t}"));
+    }
+    for (k, name) in [("users", "user"), ("kinds", "kind")] {
+        let v = list(k);
+        if !v.is_empty() {
+            parts.push(format!("{name}={v}"));
+        }
+    }
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
 pub fn token(conn: &Conn, cmd: TokenCmd) -> Result<()> {
     let c = Client::new(conn)?;
     match cmd {
@@ -676,13 +800,17 @@ pub fn token(conn: &Conn, cmd: TokenCmd) -> Result<()> {
             ttl,
             one_time,
             note,
+            limit_target,
+            limit_user,
+            limit_kind,
             json,
         } => {
             let v = c.post(
                 "creating the token",
                 "/tokens",
                 &json!({"scope": scope, "allow": allow, "ttl_ms": ttl.map(|t| t.as_millis() as u64),
-                        "one_time": one_time, "note": note}),
+                        "one_time": one_time, "note": note,
+                        "limits": {"target": limit_target, "users": limit_user, "kinds": limit_kind}}),
             )?;
             if json {
                 println!("{}", serde_json::to_string(&v)?);
@@ -696,8 +824,8 @@ pub fn token(conn: &Conn, cmd: TokenCmd) -> Result<()> {
                 println!("{}", serde_json::to_string(&v)?);
             } else {
                 println!(
-                    "{:<18} {:<9} {:<8} {:>5} {:<20} NOTE",
-                    "ID", "SCOPE", "STATE", "USES", "ALLOW"
+                    "{:<18} {:<9} {:<8} {:>5} {:<20} {:<30} NOTE",
+                    "ID", "SCOPE", "STATE", "USES", "ALLOW", "LIMITS"
                 );
                 for t in v.as_array().into_iter().flatten() {
                     let state = if t["revoked"].as_bool() == Some(true) {
@@ -712,7 +840,7 @@ pub fn token(conn: &Conn, cmd: TokenCmd) -> Result<()> {
                         .filter_map(Value::as_str)
                         .collect();
                     println!(
-                        "{:<18} {:<9} {:<8} {:>5} {:<20} {}",
+                        "{:<18} {:<9} {:<8} {:>5} {:<20} {:<30} {}",
                         t["id"].as_str().unwrap_or(""),
                         t["scope"].as_str().unwrap_or(""),
                         state,
@@ -722,6 +850,7 @@ pub fn token(conn: &Conn, cmd: TokenCmd) -> Result<()> {
                         } else {
                             allow.join(",")
                         },
+                        limits_text(&t["limits"]),
                         t["note"].as_str().unwrap_or("")
                     );
                 }
@@ -878,8 +1007,13 @@ pub struct AgentOpts {
     #[arg(long)]
     pub center: String,
     /// Enrollment token (first start only), from `octo token create --scope enroll`.
+    /// Any local user can read a process's arguments: prefer --token-file or
+    /// OCTO_ENROLL_TOKEN.
     #[arg(long)]
     pub token: Option<String>,
+    /// Read the enrollment token from this file.
+    #[arg(long, conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// Where the key, certificate and task journal live (default ~/.local/share/octopus/agent).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -929,10 +1063,23 @@ pub async fn agent(o: AgentOpts) -> Result<()> {
     // (deliveries get their modes explicitly; commands get umask 022 back).
     octopus_transfer::safefs::set_umask(0o077);
     let data_dir = o.data_dir.unwrap_or_else(|| default_dir("agent"));
+    let enroll_token = match (o.token, &o.token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading the enroll token from {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => std::env::var("OCTO_ENROLL_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty()),
+    };
     let started = Instant::now();
     let h = octopus_agent::daemon::spawn(octopus_agent::daemon::AgentConfig {
         center,
-        enroll_token: o.token,
+        enroll_token,
         data_dir: data_dir.clone(),
         name: name.clone(),
         tags,
@@ -976,6 +1123,11 @@ pub struct CpArgs {
     /// Octal mode for every copied file (e.g. 0644) instead of the source's.
     #[arg(long)]
     pub mode: Option<String>,
+    /// Let --mode (or the sources' modes) carry setuid, setgid or sticky bits; needs
+    /// an admin token. Without it those bits are refused in --mode and dropped from
+    /// the sources' modes.
+    #[arg(long)]
+    pub allow_special_mode: bool,
     /// Upload limit of this seeder (see RATE in `octo --help`).
     #[arg(long, value_parser = crate::parse_rate_arg)]
     pub limit_up: Option<u64>,
@@ -1056,7 +1208,9 @@ pub async fn cp(conn: Conn, a: CpArgs) -> Result<bool> {
         "target": target, "kind": "fetch", "dest": dest, "mkdir": a.mkdir,
         "mode": mode, "limit_down": a.limit_down, "limit_up": a.limit_up,
         "ttl_ms": a.ttl.as_millis() as u64, "batch": a.batch, "owner": a.owner,
+        "allow_special_mode": a.allow_special_mode,
     });
+    let keep = if a.allow_special_mode { 0o7777 } else { 0o777 };
     let json_out = a.json;
     let mut seed = None;
     let local_roots = roots.clone();
@@ -1080,17 +1234,25 @@ pub async fn cp(conn: Conn, a: CpArgs) -> Result<bool> {
         total = t;
         if pool_mode {
             let (path, md5, mode) = &files[0];
-            body["pool"] = json!({"md5": md5, "size": total, "name": path, "mode": mode});
+            body["pool"] = json!({"md5": md5, "size": total, "name": path, "mode": mode & keep});
         } else {
             body["upload"] = json!(files
                 .iter()
-                .map(|(p, m, mode)| json!({"path": p, "md5": m, "mode": mode}))
+                .map(|(p, m, mode)| json!({"path": p, "md5": m, "mode": mode & keep}))
                 .collect::<Vec<_>>());
         }
     } else {
+        // The agents' swarm admits only certificates from the center's CA: this seed
+        // gets a short-lived one for its own key (agents still pin it by the ticket).
+        let (c, ttl) = (Client::new(&conn)?, a.ttl);
+        let (identity, ca) = tokio::task::spawn_blocking(move || seed_identity(&c, ttl))
+            .await
+            .context("joining the API client")??;
         let cfg = octopus_transfer::node::NodeConfig {
             listen: "0.0.0.0:0".parse().expect("valid"),
             limit_up: a.limit_up,
+            identity: Some(identity),
+            trust: octopus_transfer::tls::Trust::Ca(ca.into()),
             ..Default::default()
         };
         let s = octopus_transfer::node::share(
@@ -1138,7 +1300,7 @@ pub async fn cp(conn: Conn, a: CpArgs) -> Result<bool> {
             let (files, _) = upload_sources(&conn, &local_roots, json_out)?;
             let upload: Vec<Value> = files
                 .iter()
-                .map(|(p, m, mode)| json!({"path": p, "md5": m, "mode": mode}))
+                .map(|(p, m, mode)| json!({"path": p, "md5": m, "mode": mode & keep}))
                 .collect();
             c.post(
                 "handing the copy to the center",
@@ -1186,6 +1348,26 @@ fn remote_sources(srcs: &[String]) -> Result<Option<(String, Vec<String>)>> {
         }
     }
     Ok(host.map(|h| (h, paths)))
+}
+
+/// A fresh key with a certificate from the center's CA (valid for `ttl`, at most a
+/// day), and the CA's certificate.
+fn seed_identity(c: &Client, ttl: Duration) -> Result<(octopus_transfer::tls::Identity, Vec<u8>)> {
+    let own = octopus_transfer::tls::Identity::generate().context("generating a key")?;
+    let key = own.public_key_raw().context("reading our public key")?;
+    let v = c.post(
+        "getting a seed certificate",
+        "/certs",
+        &json!({"public_key": data_encoding::HEXLOWER.encode(&key),
+                "valid_ms": ttl.as_millis() as u64}),
+    )?;
+    let hex = |k: &str| -> Result<Vec<u8>> {
+        data_encoding::HEXLOWER_PERMISSIVE
+            .decode(v[k].as_str().unwrap_or("").as_bytes())
+            .with_context(|| format!("reading the center's {k}"))
+    };
+    let (cert, ca) = (hex("cert")?, hex("ca")?);
+    Ok((own.with_cert(cert, vec![ca.clone()]), ca))
 }
 
 /// Asks `host` to seed `paths` and waits for its ticket and the content's size.

@@ -216,6 +216,7 @@ async fn run_in(dir: &Path, size: u64, n: usize, json_out: bool) -> Result<()> {
                 recursive: false,
                 mkdir: true,
                 mode: None,
+                allow_special_mode: false,
                 limit_up: None,
                 limit_down: None,
                 batch: None,

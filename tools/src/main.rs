@@ -119,13 +119,17 @@ enum Cmd {
     },
     /// Run the agent daemon on this host; enrolls on first start.
     Agent(ctl::AgentOpts),
-    /// List agents, optionally only those a target selects.
+    /// List agents, optionally only those a target selects; approve re-enrollments
+    /// and remove hosts.
+    #[command(args_conflicts_with_subcommands = true)]
     Agents {
         #[command(flatten)]
         conn: ctl::Conn,
         target: Option<String>,
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        cmd: Option<ctl::AgentsCmd>,
     },
     /// Run a command on hosts and print their output, like pssh -i.
     Exec {
@@ -215,8 +219,11 @@ fn main() -> ExitCode {
         | Cmd::Get { json, .. }
         | Cmd::Demo { json, .. }
         | Cmd::Center { json, .. }
-        | Cmd::Agents { json, .. }
         | Cmd::Audit { json, .. } => *json,
+        Cmd::Agents { cmd, json, .. } => match cmd {
+            Some(ctl::AgentsCmd::Approve { json, .. } | ctl::AgentsCmd::Rm { json, .. }) => *json,
+            None => *json,
+        },
         Cmd::SwarmBench(a) => a.json,
         Cmd::Load(a) => a.json,
         Cmd::Agent(a) => a.json,
@@ -295,7 +302,14 @@ fn main() -> ExitCode {
             }
             Cmd::Agent(opts) => ctl::agent(opts).await,
             // The API clients block on HTTP; nothing else runs on this runtime then.
-            Cmd::Agents { conn, target, json } => ctl::agents(&conn, target, json),
+            Cmd::Agents {
+                conn,
+                cmd: Some(cmd),
+                ..
+            } => ctl::agents_cmd(&conn, cmd),
+            Cmd::Agents {
+                conn, target, json, ..
+            } => ctl::agents(&conn, target, json),
             Cmd::Exec { conn, args } => return ctl::exec(&conn, args),
             Cmd::Cp { conn, args } => return ctl::cp(conn, args).await,
             Cmd::Task { conn, cmd } => return ctl::task(&conn, cmd),
@@ -312,6 +326,10 @@ fn main() -> ExitCode {
     }
 }
 
+/// Exit code of an agent whose name is enrolled already (and no re-enrollment was
+/// approved): a supervisor should not restart it in a loop.
+const EXIT_NAME_TAKEN: u8 = 4;
+
 fn report(json: bool, e: anyhow::Error) -> ExitCode {
     if json {
         println!("{}", json!({"event": "error", "message": format!("{e:#}")}));
@@ -322,7 +340,17 @@ fn report(json: bool, e: anyhow::Error) -> ExitCode {
     if e.chain().any(|c| c.is::<pin::PinError>()) {
         return ExitCode::from(pin::EXIT_UNVERIFIED);
     }
-    ExitCode::FAILURE
+    let name_taken = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<octopus_agent::daemon::AgentError>(),
+            Some(octopus_agent::daemon::AgentError::NameTaken(_))
+        )
+    });
+    if name_taken {
+        ExitCode::from(EXIT_NAME_TAKEN)
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 async fn interrupted() {

@@ -78,6 +78,10 @@ pub struct NodeConfig {
     /// Most connections a getter opens to other peers.
     pub max_peers: usize,
     pub identity: Option<Identity>,
+    /// Which peers this node admits. A swarm the center runs for its fleet uses
+    /// `Trust::Ca` (every peer holds a certificate from the center's CA, and
+    /// `identity` is one); standalone `share`/`get` trust the ticket alone.
+    pub trust: Trust,
     /// Fault injection for tests of the real binary; never set in production.
     pub fault: Option<Fault>,
     /// Locality tags (`idc=bj1`, `rack=r3`) a getter announces; the tracker hands it
@@ -117,6 +121,7 @@ impl Default for NodeConfig {
             announce_interval: Duration::from_secs(2),
             max_peers: 32,
             identity: None,
+            trust: Trust::Standalone,
             fault: None,
             tags: Vec::new(),
             finish: Default::default(),
@@ -234,7 +239,7 @@ pub async fn share(
         Some(i) => i,
         None => Identity::generate().map_err(NetError::from)?,
     };
-    let endpoint = net::endpoint(cfg.listen, &identity, &Trust::Standalone)?;
+    let endpoint = net::endpoint(cfg.listen, &identity, &cfg.trust)?;
     let local = endpoint.local_addr().map_err(|source| NetError::Bind {
         addr: cfg.listen,
         source,
@@ -256,7 +261,7 @@ pub async fn get(cfg: NodeConfig, ticket: Ticket, dest: PathBuf) -> Result<NodeH
         Some(i) => i,
         None => Identity::generate().map_err(NetError::from)?,
     };
-    let endpoint = net::endpoint(cfg.listen, &identity, &Trust::Standalone)?;
+    let endpoint = net::endpoint(cfg.listen, &identity, &cfg.trust)?;
     let local = endpoint.local_addr().map_err(|source| NetError::Bind {
         addr: cfg.listen,
         source,
@@ -863,11 +868,13 @@ impl Driver {
             return;
         }
         // One connection per pair: on a race, keep the one dialed by the smaller
-        // fingerprint. Both ends apply the same rule, so they agree.
+        // fingerprint. Both ends apply the same rule, so they agree. A peer that
+        // dials again on its own side lost its old connection (it restarted: agents
+        // keep their CA-issued identity across runs), so the new one replaces it.
         if let Some(&old) = self.by_fp.get(&fp) {
             let old_dialed = self.peers[&old].dialed;
             let dialer = |d: bool| if d { self.identity.fingerprint } else { fp };
-            if dialer(old_dialed) <= dialer(dialed) {
+            if old_dialed != dialed && dialer(old_dialed) <= dialer(dialed) {
                 conn.close(VarInt::from_u32(code::DUPLICATE), b"duplicate connection");
                 return;
             }

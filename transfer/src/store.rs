@@ -293,11 +293,15 @@ impl Destination {
 }
 
 /// What to apply to the delivered files before they are renamed into place: a mode
-/// for every file instead of the manifest's, and an owner for everything delivered.
+/// for every file instead of the manifest's, an owner for everything delivered, and
+/// whether setuid, setgid and sticky bits from the manifest are dropped (an agent
+/// copying for the fleet drops them unless the center allowed them, so no setuid file
+/// exists even for an instant).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Finish {
     pub mode: Option<u32>,
     pub owner: Option<(u32, u32)>,
+    pub strip_special: bool,
 }
 
 /// Receives a content into a staging area and renames it into place at the end.
@@ -820,7 +824,10 @@ impl PartialStore {
                 }
                 EntryKind::File { md5, .. } => {
                     let staged = format!("f{i}");
-                    let mode = self.finish.mode.unwrap_or(e.mode) & 0o7777;
+                    let mut mode = self.finish.mode.unwrap_or(e.mode) & 0o7777;
+                    if self.finish.strip_special {
+                        mode &= 0o777;
+                    }
                     // On the open file, before it is visible: nothing can be swapped in
                     // between setting the owner and the mode and the rename.
                     safefs::apply_mode_owner(&self.files[&i], mode, owner)
@@ -847,8 +854,9 @@ impl PartialStore {
         }
         // Directory modes last, deepest first, so a read-only directory does not block
         // its own children; set on the open directories.
+        let dir_mask = if self.finish.strip_special { 0o777 } else { 0o7777 };
         for (fd, d, mode) in dirs.iter().rev() {
-            safefs::apply_mode_owner(fd, *mode & 0o7777, owner)
+            safefs::apply_mode_owner(fd, *mode & dir_mask, owner)
                 .map_err(io_err("setting mode of", d))?;
         }
         safefs::remove_flat_dir_at(&self.base_fd, &self.st_name, &self.st_fd)

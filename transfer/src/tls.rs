@@ -121,11 +121,9 @@ impl Identity {
     /// The raw public key (uncompressed P-256 point) inside our certificate, which a
     /// CA signs a new certificate for at enrollment.
     pub fn public_key_raw(&self) -> Result<Vec<u8>, TlsError> {
-        p256_point_in_cert(&self.cert)
-            .map(<[u8]>::to_vec)
-            .ok_or(TlsError::BadCert(
-                "no P-256 public key in our certificate".into(),
-            ))
+        p256_point_in_cert(&self.cert).ok_or(TlsError::BadCert(
+            "no P-256 public key in our certificate".into(),
+        ))
     }
 
     /// The same key with a new certificate (and chain), as returned by enrollment.
@@ -150,24 +148,33 @@ impl Identity {
     }
 }
 
-/// DER prefix of a P-256 SubjectPublicKeyInfo (id-ecPublicKey, prime256v1, BIT STRING
-/// of 66 bytes), followed by the 65-byte uncompressed point.
-const P256_SPKI_PREFIX: [u8; 26] = [
-    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
-    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
-];
+/// Parses `cert` as exactly one DER X.509 certificate, with a maintained parser
+/// (x509-parser): this runs on certificates of peers that have not enrolled yet, so
+/// no hand-written DER scanning.
+fn parse_cert(cert: &[u8]) -> Option<x509_parser::certificate::X509Certificate<'_>> {
+    use x509_parser::prelude::FromDer;
+    match x509_parser::certificate::X509Certificate::from_der(cert) {
+        Ok(([], c)) => Some(c),
+        _ => None,
+    }
+}
 
-/// The P-256 public key of a certificate: the point after the first P-256 SPKI
-/// prefix. In a TBSCertificate the subject's key info precedes the extensions, so
-/// the first match is the subject key; anything else would be a crafted certificate,
-/// and certifying a key the dialer does not hold gives it nothing it could use.
-pub fn p256_point_in_cert(cert: &[u8]) -> Option<&[u8]> {
-    let at = cert
-        .windows(P256_SPKI_PREFIX.len())
-        .position(|w| w == P256_SPKI_PREFIX)?;
-    let start = at + P256_SPKI_PREFIX.len();
-    let point = cert.get(start..start + 65)?;
-    (point[0] == 0x04).then_some(point)
+/// The P-256 public key of a certificate (the subject's key info: id-ecPublicKey on
+/// prime256v1) as the 65-byte uncompressed point; `None` for any other key or a
+/// certificate that does not parse.
+pub fn p256_point_in_cert(cert: &[u8]) -> Option<Vec<u8>> {
+    use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};
+    let c = parse_cert(cert)?;
+    let spki = c.public_key();
+    if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY {
+        return None;
+    }
+    let curve = spki.algorithm.parameters.as_ref()?.as_oid().ok()?;
+    if curve != OID_EC_P256 || spki.subject_public_key.unused_bits != 0 {
+        return None;
+    }
+    let point = &spki.subject_public_key.data;
+    (point.len() == 65 && point[0] == 0x04).then(|| point.to_vec())
 }
 
 /// The raw key as rcgen needs it to sign a certificate for someone else's key.
@@ -263,6 +270,17 @@ impl CertAuthority {
     /// A certificate for `public_key` (a raw P-256 point) named `cn`, valid for a year,
     /// usable as TLS client and server (mesh nodes are both).
     pub fn issue(&self, cn: &str, public_key: &[u8]) -> Result<CertificateDer<'static>, TlsError> {
+        self.issue_for(cn, public_key, std::time::Duration::from_secs(365 * 86400))
+    }
+
+    /// As [`CertAuthority::issue`], valid for `valid` from now (short-lived
+    /// certificates for the CLI's seeds).
+    pub fn issue_for(
+        &self,
+        cn: &str,
+        public_key: &[u8],
+        valid: std::time::Duration,
+    ) -> Result<CertificateDer<'static>, TlsError> {
         if public_key.len() != 65 || public_key[0] != 0x04 {
             return Err(TlsError::BadCert("not an uncompressed P-256 point".into()));
         }
@@ -281,7 +299,7 @@ impl CertAuthority {
         p.use_authority_key_identifier_extension = true;
         let now = std::time::SystemTime::now();
         p.not_before = (now - std::time::Duration::from_secs(3600)).into();
-        p.not_after = (now + std::time::Duration::from_secs(365 * 86400)).into();
+        p.not_after = (now + valid).into();
         let cert = p.signed_by(&RawP256(public_key), &issuer, &self.key)?;
         Ok(cert.der().clone())
     }
@@ -344,26 +362,12 @@ pub fn verify_issued(cert: &[u8], root: &[u8], client: bool) -> Result<String, T
     common_name(cert).ok_or_else(|| TlsError::BadCert("no common name".into()))
 }
 
-/// The first common name (OID 2.5.4.3) in a certificate: the subject's for a leaf
-/// issued by our CA (the issuer's name comes first in DER, so skip it when it is the
-/// CA's). Parsed by hand to avoid an X.509 parser dependency; the certificate has
-/// already been verified when this is used for identity.
-fn common_name(cert: &[u8]) -> Option<String> {
-    const CN_OID: [u8; 5] = [0x06, 0x03, 0x55, 0x04, 0x03];
-    let mut names = Vec::new();
-    let mut i = 0;
-    while let Some(pos) = cert[i..].windows(5).position(|w| w == CN_OID) {
-        let at = i + pos + 5;
-        let tag = *cert.get(at)?;
-        let len = *cert.get(at + 1)? as usize;
-        if len < 0x80 && matches!(tag, 0x0c | 0x13 | 0x16) {
-            let v = cert.get(at + 2..at + 2 + len)?;
-            names.push(String::from_utf8_lossy(v).into_owned());
-        }
-        i = at;
-    }
-    // Issuer comes before subject in a TBSCertificate.
-    names.into_iter().nth(1)
+/// The subject's common name (OID 2.5.4.3), which is the host name in a managed
+/// fleet; `None` if the certificate does not parse or has none that is a string.
+pub fn common_name(cert: &[u8]) -> Option<String> {
+    let c = parse_cert(cert)?;
+    let cn = c.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
 }
 
 /// How certificates are trusted. See the module docs.
@@ -616,8 +620,15 @@ mod tests {
         // The issued certificate is for the node's own key.
         assert_eq!(
             p256_point_in_cert(&leaf).unwrap(),
-            &node.public_key_raw().unwrap()[..]
+            node.public_key_raw().unwrap()
         );
+        assert_eq!(common_name(&leaf).as_deref(), Some("web-1"));
+        // Truncated, padded or garbage input parses as nothing, without panicking.
+        assert!(p256_point_in_cert(&leaf[..leaf.len() - 1]).is_none());
+        let mut padded = leaf.to_vec();
+        padded.push(0);
+        assert!(p256_point_in_cert(&padded).is_none());
+        assert!(common_name(&[0x30, 0x82, 0xff, 0xff]).is_none());
         // Another CA's certificate, and a self-signed one, do not verify.
         let other = CertAuthority::generate().unwrap();
         let foreign = other

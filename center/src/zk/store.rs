@@ -2232,6 +2232,24 @@ impl Store for ZkStore {
         })
     }
 
+    fn remove_host(&self, name: &str) -> Result<bool, StoreError> {
+        let Ok(path) = host_path(name) else {
+            return Ok(false);
+        };
+        self.run("removing a host", move |c| async move {
+            if c.stat(&path).await?.is_none() {
+                return Ok(false);
+            }
+            let ops = [Op::Delete {
+                path: path.clone(),
+                version: None,
+            }];
+            // A conflict (NoNode) means someone else removed it meanwhile.
+            c.commit("remove a host", &ops).await?;
+            Ok(c.stat(&path).await?.is_none())
+        })
+    }
+
     fn list_hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
         self.run("listing hosts", |c| async move {
             c.list_records("hosts", HOSTS, HOST_MAX).await
