@@ -74,17 +74,51 @@ impl ApiError {
             message: e.to_string(),
         }
     }
+    /// A request (or a part of it: a command, a target, an upload) over its cap.
+    pub fn too_large(m: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: m.into(),
+        }
+    }
+    /// The disk is full (or below the reserve kept for the store): nothing was written.
+    pub fn insufficient_storage(m: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::INSUFFICIENT_STORAGE,
+            message: m.into(),
+        }
+    }
 }
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> ApiError {
-        ApiError::bad_request(format!("malformed JSON body: {}", r.body_text()))
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(format!("the JSON body is too large: {}", r.body_text()))
+        } else {
+            ApiError::bad_request(format!("malformed JSON body: {}", r.body_text()))
+        }
     }
 }
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> ApiError {
-        ApiError::internal(e)
+        if e.is_disk_full() {
+            ApiError::insufficient_storage(e.to_string())
+        } else {
+            ApiError::internal(e)
+        }
+    }
+}
+
+impl From<crate::content::UploadError> for ApiError {
+    fn from(e: crate::content::UploadError) -> ApiError {
+        use crate::content::UploadError;
+        match &e {
+            UploadError::TooLarge { .. } => ApiError::too_large(e.to_string()),
+            _ if e.is_no_space() => ApiError::insufficient_storage(e.to_string()),
+            UploadError::Receive(_) => ApiError::bad_request(e.to_string()),
+            _ => ApiError::internal(e),
+        }
     }
 }
 
@@ -183,13 +217,25 @@ async fn audit(State(inner): State<Shared>, req: Request, next: Next) -> Respons
         .unwrap_or_else(|| "-".into());
     let resp = next.run(req).await;
     if method != Method::GET && method != Method::HEAD {
+        let now = proto::now_ms();
+        // Whoever presents no valid token is stored one by one only a few times a
+        // minute, and counted past that: a flood must not fill the disk.
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            match inner.audit_gate.admit(now, &addr) {
+                crate::caps::Admit::Count => return resp,
+                crate::caps::Admit::Store(Some(summary)) => {
+                    center::append_gate_summary(&inner, summary)
+                }
+                crate::caps::Admit::Store(None) => {}
+            }
+        }
         let entry = crate::store::AuditEntry {
             seq: 0,
-            at: proto::now_ms(),
-            token,
+            at: now,
+            token: crate::caps::cut(&token, 64),
             addr,
-            method: method.to_string(),
-            path,
+            method: crate::caps::cut(method.as_str(), 16),
+            path: crate::caps::cut(&path, crate::caps::AUDIT_PATH_MAX),
             status: resp.status().as_u16(),
             detail: String::new(),
         };
@@ -336,6 +382,7 @@ async fn list_agents(
     let hosts = inner.store.list_hosts()?;
     let selected: Option<std::collections::HashSet<String>> = match &q.target {
         Some(t) => {
+            check_target(t)?;
             let t = crate::target::Target::parse(t)
                 .map_err(|e| ApiError::bad_request(e.to_string()))?;
             let s: std::collections::HashSet<String> = t
@@ -345,7 +392,10 @@ async fn list_agents(
             if s.is_empty() {
                 return Err(ApiError::not_found(format!(
                     "target {:?} matches no host",
-                    q.target.as_deref().unwrap_or_default()
+                    crate::caps::cut(
+                        q.target.as_deref().unwrap_or_default(),
+                        crate::caps::ECHO_MAX
+                    )
                 )));
             }
             Some(s)
@@ -467,6 +517,7 @@ async fn create_task(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller.require(Scope::Operator)?;
     let Json(t) = body?;
+    check_target(&t.target)?;
     let batch = match &t.batch {
         Some(b) => b.parse::<Batch>().map_err(ApiError::bad_request)?,
         None => Batch::All,
@@ -532,7 +583,10 @@ async fn create_task(
             center::TaskRequest {
                 target: t.target,
                 body: TaskBody::Fetch(Box::new(spec)),
-                summary: format!("cp ({} bytes) -> {dest}", t.size),
+                summary: crate::caps::cut(
+                    &format!("cp ({} bytes) -> {dest}", t.size),
+                    crate::caps::SUMMARY_MAX,
+                ),
                 ttl,
                 batch,
                 max_failures: t.max_failures,
@@ -575,7 +629,10 @@ async fn create_task(
             center::TaskRequest {
                 target: t.target,
                 body: TaskBody::Seed(spec),
-                summary: format!("seed {}", t.paths.join(" ")),
+                summary: crate::caps::cut(
+                    &format!("seed {}", t.paths.join(" ")),
+                    crate::caps::SUMMARY_MAX,
+                ),
                 ttl,
                 batch,
                 max_failures: t.max_failures,
@@ -600,16 +657,27 @@ async fn create_task(
         return Err(ApiError::bad_request("give a command or a script"));
     }
     if t.script.as_ref().is_some_and(|s| s.len() > MAX_SCRIPT) {
-        return Err(ApiError::bad_request(format!(
+        return Err(ApiError::too_large(format!(
             "a script may hold at most {MAX_SCRIPT} bytes"
         )));
     }
+    let command_len = t.command.len() + t.args.iter().map(|a| a.len() + 1).sum::<usize>();
+    if command_len > crate::caps::MAX_COMMAND {
+        return Err(ApiError::too_large(format!(
+            "the command and its arguments hold {command_len} bytes; at most {} are allowed (send a longer program as a script, up to {MAX_SCRIPT} bytes)",
+            crate::caps::MAX_COMMAND
+        )));
+    }
+    // The summary is what listings show: a line, not the whole command.
     let summary = match &t.script {
         Some(_) => format!("{} script", t.kind.as_deref().unwrap_or("shell")),
-        None => std::iter::once(t.command.clone())
-            .chain(t.args.iter().cloned())
-            .collect::<Vec<_>>()
-            .join(" "),
+        None => crate::caps::cut(
+            &std::iter::once(t.command.clone())
+                .chain(t.args.iter().cloned())
+                .collect::<Vec<_>>()
+                .join(" "),
+            crate::caps::SUMMARY_MAX,
+        ),
     };
     let spec = ExecSpec {
         kind,
@@ -776,21 +844,44 @@ async fn show_task(
 #[derive(Debug, Deserialize)]
 struct ListQuery {
     limit: Option<usize>,
+    /// Paging: tasks listed after this id (listings are newest first, so older ones).
+    after: Option<u64>,
 }
 
+/// Tasks listed per page by default, and at most.
+const TASK_PAGE: usize = 50;
+const TASK_PAGE_MAX: usize = 200;
+
+/// `GET /tasks?limit=N&after=ID`: a page of tasks, newest first, without output; the
+/// next page is `after=` the last id of this one.
 async fn list_tasks(
     caller: Caller,
     State(inner): State<Shared>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<Value>>, ApiError> {
     caller.require(Scope::Read)?;
-    let tasks = inner.store.list_tasks(q.limit.unwrap_or(50).min(1000))?;
+    let limit = q.limit.unwrap_or(TASK_PAGE).min(TASK_PAGE_MAX);
+    let tasks = inner.store.list_tasks(q.after, limit)?;
     let mut out = Vec::new();
-    for t in tasks {
+    for mut t in tasks {
+        // A summary: the target as typed may be long.
+        t.target = crate::caps::cut(&t.target, crate::caps::SUMMARY_MAX);
         // The records are in hand: only their results are read.
         out.push(task_json(&inner, t, false)?);
     }
     Ok(Json(out))
+}
+
+/// A target expression within [`crate::caps::MAX_TARGET`].
+fn check_target(t: &str) -> Result<(), ApiError> {
+    if t.len() > crate::caps::MAX_TARGET {
+        return Err(ApiError::too_large(format!(
+            "the target holds {} bytes; at most {} are allowed",
+            t.len(),
+            crate::caps::MAX_TARGET
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]
@@ -872,12 +963,18 @@ async fn upload_file(
     body: axum::body::Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller.require(Scope::Operator)?;
+    if inner.disk_reserve > 0 {
+        if let Ok(free) = crate::caps::free_bytes(&inner.data_dir) {
+            if free < inner.disk_reserve {
+                return Err(ApiError::insufficient_storage(format!(
+                    "the disk is full: {free} bytes free, below the reserve of {} bytes",
+                    inner.disk_reserve
+                )));
+            }
+        }
+    }
     let max = inner.content.cache.quota();
-    let (md5, size) = inner
-        .content
-        .upload(body.into_data_stream(), max)
-        .await
-        .map_err(ApiError::bad_request)?;
+    let (md5, size) = inner.content.upload(body.into_data_stream(), max).await?;
     Ok((StatusCode::CREATED, Json(json!({"md5": md5, "size": size}))))
 }
 
@@ -949,13 +1046,16 @@ async fn task_events(
         // wakes up once per batch of events.
         let pending = inner.store.open_hosts(id)?;
         let finished = rec.state != TaskState::Running || pending == 0;
-        let (events, next) = center::events_since(&inner, id, q.after);
+        let (events, next, truncated) = center::events_since(&inner, id, q.after);
         if !events.is_empty() || finished || tokio::time::Instant::now() >= deadline {
+            // `truncated`: events this follower had not read were dropped to keep the
+            // center's memory bounded; the stored result has the output (up to its cap).
             return Ok(Json(json!({
                 "events": events,
                 "next": next,
                 "finished": finished,
                 "pending": pending,
+                "truncated": truncated,
             })));
         }
         let _ = tokio::time::timeout_at(deadline, notified).await;

@@ -80,6 +80,8 @@ async fn run_in(dir: &Path, size: u64, n: usize, json_out: bool) -> Result<()> {
         heartbeat: Duration::from_secs(1),
         content_quota: octopus_center::center::DEFAULT_CONTENT_QUOTA,
         registry: None,
+        audit_keep: octopus_center::caps::DEFAULT_AUDIT_KEEP,
+        disk_reserve: octopus_center::caps::DEFAULT_DISK_RESERVE,
     })
     .await
     .context("starting the center")?;

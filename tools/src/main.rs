@@ -111,6 +111,13 @@ enum Cmd {
         /// zk://HOST:PORT[,HOST:PORT...]/CHROOT (default: embedded, one center).
         #[arg(long)]
         registry: Option<String>,
+        /// Audit entries kept; older ones are deleted.
+        #[arg(long, default_value_t = octopus_center::caps::DEFAULT_AUDIT_KEEP)]
+        audit_keep: u64,
+        /// Free space kept on the data directory's filesystem: below it, writes answer
+        /// 507 (reads keep working). 0 turns the check off.
+        #[arg(long, default_value = "64MiB", value_parser = parse_rate_arg)]
+        disk_reserve: u64,
         #[arg(long)]
         json: bool,
     },
@@ -276,8 +283,17 @@ fn main() -> ExitCode {
                 heartbeat,
                 content_quota,
                 registry,
+                audit_keep,
+                disk_reserve,
                 json,
-            } => ctl::center(listen, data_dir, heartbeat, content_quota, registry, json).await,
+            } => {
+                let limits = ctl::CenterLimits {
+                    content_quota,
+                    audit_keep,
+                    disk_reserve,
+                };
+                ctl::center(listen, data_dir, heartbeat, limits, registry, json).await
+            }
             Cmd::Agent(opts) => ctl::agent(opts).await,
             // The API clients block on HTTP; nothing else runs on this runtime then.
             Cmd::Agents { conn, target, json } => ctl::agents(&conn, target, json),
