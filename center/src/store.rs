@@ -1912,7 +1912,8 @@ mod tests {
     fn corrupt_values_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        let s = RedbStore::open(&path).unwrap();
+        // The file itself, to write raw values under the store.
+        let s = RedbFile::new(Database::create(&path).unwrap()).unwrap();
         s.put_host(&host("good")).unwrap();
         let t = s.create_task(new_task(&["h"], 0), 1).unwrap();
         {
