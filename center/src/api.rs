@@ -207,20 +207,24 @@ async fn audit(State(inner): State<Shared>, req: Request, next: Next) -> Respons
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.to_string())
         .unwrap_or_default();
-    let token = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .and_then(|t| auth::parse_token(t.trim()).ok())
-        .map(|(id, _)| id)
-        .unwrap_or_else(|| "-".into());
+    let mutating = method != Method::GET && method != Method::HEAD;
+    // Only a token that checks out names the caller: anyone can send any token id.
+    let (req, token) = if mutating {
+        let (mut parts, body) = req.into_parts();
+        let caller = Caller::from_request_parts(&mut parts, &inner).await;
+        (
+            Request::from_parts(parts, body),
+            caller.ok().map(|c| c.token_id),
+        )
+    } else {
+        (req, None)
+    };
     let resp = next.run(req).await;
-    if method != Method::GET && method != Method::HEAD {
+    if mutating {
         let now = proto::now_ms();
         // Whoever presents no valid token is stored one by one only a few times a
         // minute, and counted past that: a flood must not fill the disk.
-        if resp.status() == StatusCode::UNAUTHORIZED {
+        if token.is_none() {
             match inner.audit_gate.admit(now, &addr) {
                 crate::caps::Admit::Count => return resp,
                 crate::caps::Admit::Store(Some(summary)) => {
@@ -232,7 +236,7 @@ async fn audit(State(inner): State<Shared>, req: Request, next: Next) -> Respons
         let entry = crate::store::AuditEntry {
             seq: 0,
             at: now,
-            token: crate::caps::cut(&token, 64),
+            token: token.unwrap_or_else(|| "-".into()),
             addr,
             method: crate::caps::cut(method.as_str(), 16),
             path: crate::caps::cut(&path, crate::caps::AUDIT_PATH_MAX),

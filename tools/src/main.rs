@@ -116,7 +116,7 @@ enum Cmd {
         audit_keep: u64,
         /// Free space kept on the data directory's filesystem: below it, writes answer
         /// 507 (reads keep working). 0 turns the check off.
-        #[arg(long, default_value = "64MiB", value_parser = parse_rate_arg)]
+        #[arg(long, default_value = "64MiB", value_parser = parse_size_or_zero)]
         disk_reserve: u64,
         #[arg(long)]
         json: bool,
@@ -175,6 +175,14 @@ enum Cmd {
 
 fn parse_rate_arg(s: &str) -> Result<u64, String> {
     parse_rate(s).map_err(|e| e.to_string())
+}
+
+/// A size like `64MiB`, or `0` (off).
+fn parse_size_or_zero(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    parse_rate_arg(s)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
