@@ -759,7 +759,14 @@ fn task_json(inner: &Inner, rec: TaskRecord, with_output: bool) -> Result<Value,
     let results = inner.store.results(id)?;
     let running = inner.running.lock().unwrap().clone();
     let mut counts = std::collections::BTreeMap::<&str, u32>::new();
-    let fetch_size = match center::task_body(inner, id).as_deref() {
+    // A listing reads no bodies (a page of finished tasks with 1 MiB scripts would read
+    // and decode 200 MiB): only running ones, which are cached, say if they are copies.
+    let body = if with_output {
+        center::task_body(inner, id)
+    } else {
+        center::cached_task_body(inner, id)
+    };
+    let fetch_size = match body.as_deref() {
         Some((TaskBody::Fetch(f), _)) => Some(f.size),
         _ => None,
     };

@@ -929,6 +929,11 @@ fn pump_queue(
     }
 }
 
+/// A running task's body and expiry, if it is cached (no store read).
+pub(crate) fn cached_task_body(inner: &Inner, task: u64) -> Option<Arc<(TaskBody, u64)>> {
+    inner.bodies.lock().unwrap().get(&task).cloned()
+}
+
 /// A task's body and expiry, from the cache or the store.
 pub(crate) fn task_body(inner: &Inner, task: u64) -> Option<Arc<(TaskBody, u64)>> {
     if let Some(b) = inner.bodies.lock().unwrap().get(&task) {
@@ -943,11 +948,14 @@ pub(crate) fn task_body(inner: &Inner, task: u64) -> Option<Arc<(TaskBody, u64)>
         }
     };
     let entry = Arc::new((body, rec.created_at.saturating_add(rec.ttl_ms)));
-    let mut cache = inner.bodies.lock().unwrap();
-    if cache.len() > 10_000 {
-        cache.clear();
+    // Only running tasks are pumped; a listing of finished ones must not fill it.
+    if rec.state == TaskState::Running {
+        let mut cache = inner.bodies.lock().unwrap();
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(task, entry.clone());
     }
-    cache.insert(task, entry.clone());
     Some(entry)
 }
 

@@ -28,6 +28,9 @@ use crate::store::{
 
 type Opener = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
 
+/// redb's page cache (its default, 1 GiB, made a center with big tasks 1 GiB in RSS).
+const CACHE_BYTES: usize = 128 << 20;
+
 /// The [`Store`] on one redb file, with a disk reserve and reopen-after-error.
 pub struct RedbStore {
     /// Whose filesystem's free space is checked.
@@ -79,7 +82,11 @@ impl RedbStore {
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
             .to_path_buf();
-        RedbStore::with_opener(dir, reserve, Box::new(move || Database::create(&p)))
+        RedbStore::with_opener(
+            dir,
+            reserve,
+            Box::new(move || redb::Builder::new().set_cache_size(CACHE_BYTES).create(&p)),
+        )
     }
 
     fn with_opener(dir: PathBuf, reserve: u64, open: Opener) -> Result<RedbStore, StoreError> {
