@@ -121,7 +121,7 @@ fn an_unauthenticated_flood_does_not_grow_the_store_and_the_audit_log_keeps_its_
         assert_eq!(status, want);
     }
     let after = file_size(&db);
-    // Each call stored whole made this 250 MB; a few cut entries are kilobytes.
+    // Stored whole, 2,000 such calls made it 250 MB; a few cut entries are kilobytes.
     assert!(
         after < before + (8 << 20),
         "center.redb grew from {before} to {after} bytes"
