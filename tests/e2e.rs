@@ -14,6 +14,7 @@ mod control;
 mod fleet;
 mod multi;
 mod sec_caps;
+mod sec_fs;
 
 const T: Duration = Duration::from_secs(60);
 
@@ -365,6 +366,103 @@ fn a_full_disk_is_a_clear_error_and_keeps_the_partial_state() {
     assert_eq!(staging.len(), 1, "{staging:?}");
     assert!(staging[0].to_string_lossy().starts_with(".octo-"));
     assert!(mnt.join(&staging[0]).join("manifest").exists());
+    // Nothing half-written at the destination.
+    assert!(!mnt.join("pkg.bin").exists());
+    // Once there is room, a rerun picks the staging area up and completes.
+    let st = std::process::Command::new("mount")
+        .args(["-o", "remount,size=64m", &mnt.display().to_string()])
+        .status()
+        .expect("mount");
+    assert!(st.success(), "remounting the tmpfs bigger");
+    let mut g = e.get("again", &ticket, &mnt.join("pkg.bin"), &["--linger", "0"]);
+    g.wait_event("done", T);
+    assert!(g.wait(T).success(), "{}", g.stderr());
+    assert_eq!(md5_hex(&mnt.join("pkg.bin")), md5_hex(&src));
+    assert_eq!(
+        fs::read_dir(&mnt).unwrap().count(),
+        1,
+        "staging left behind"
+    );
+}
+
+/// Mounts a tmpfs of `size` on `mnt` (these tests run as root); unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(mnt: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(mnt).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "octo-test"])
+            .arg(mnt)
+            .status()
+            .expect("mount");
+        assert!(
+            st.success(),
+            "these tests run as root and need to mount a small tmpfs"
+        );
+        Tmpfs(mnt.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Writes zeros to `path` until the file system is full.
+fn fill_up(path: &Path) {
+    use std::io::Write;
+    let mut f = fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    loop {
+        match f.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling the disk: {e}"),
+        }
+    }
+    let _ = f.sync_all();
+}
+
+#[test]
+fn a_disk_that_fills_up_mid_transfer_does_not_break_the_get() {
+    // Space for the whole content is reserved (fallocate) before the first piece is
+    // written, so another writer filling the disk mid-transfer cannot fail it.
+    let e = Env::new();
+    let src = e.path("pkg.bin");
+    write_random(&src, 24 << 20, 8);
+    let (_s, ticket) = e.share("share", &["--piece-size", "256KiB"], &[&src]);
+    let mnt = e.path("disk");
+    let _t = Tmpfs::mount(&mnt, "32m");
+    let dest = mnt.join("pkg.bin");
+    let mut g = e.get(
+        "get",
+        &ticket,
+        &dest,
+        &["--linger", "0", "--limit-down", "6MB"],
+    );
+    let verified = || -> usize {
+        fs::read_dir(&mnt)
+            .unwrap()
+            .flatten()
+            .filter_map(|d| fs::read(d.path().join("verified")).ok())
+            .map(|b| b.iter().filter(|x| **x == 1).count())
+            .sum()
+    };
+    assert!(
+        wait_until(T, || verified() >= 8),
+        "no progress\n{}",
+        g.stderr()
+    );
+    fill_up(&mnt.join("filler"));
+    assert!(
+        verified() < 96,
+        "the transfer ended before the disk was full"
+    );
+    g.wait_event("done", T);
+    assert!(g.wait(T).success(), "{}", g.stderr());
+    assert_eq!(md5_hex(&dest), md5_hex(&src));
 }
 
 #[test]

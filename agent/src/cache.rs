@@ -258,10 +258,13 @@ impl ContentCache {
     pub fn open(dir: &Path, quota: u64) -> Result<ContentCache, CacheError> {
         let objects = dir.join(OBJECTS);
         let staging = dir.join(STAGING);
+        // Private: a copy made with --mode 0600 must not be readable here either.
         for d in [dir, &objects, &staging] {
-            std::fs::create_dir_all(d).map_err(|source| CacheError::CreateDir {
-                path: d.to_path_buf(),
-                source,
+            octopus_transfer::safefs::ensure_private_dir(d).map_err(|source| {
+                CacheError::CreateDir {
+                    path: d.to_path_buf(),
+                    source,
+                }
             })?;
         }
         clear_dir(&staging).map_err(|source| CacheError::ClearStaging {
@@ -399,6 +402,12 @@ impl ContentCache {
         }
         let size = meta.len();
         let dest = object_path(&self.dir, md5);
+        // Objects are 0600 whatever mode the copy asked for: the cache is not the
+        // destination.
+        octopus_transfer::safefs::make_private_file(src).map_err(|source| CacheError::Source {
+            path: src.to_path_buf(),
+            source,
+        })?;
         let mut inner = self.lock();
 
         if inner.entries.contains_key(md5) && dest.is_file() {
@@ -428,9 +437,11 @@ impl ContentCache {
         self.evict(&mut inner, need)?;
 
         if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| CacheError::CreateDir {
-                path: parent.to_path_buf(),
-                source,
+            octopus_transfer::safefs::ensure_private_dir(parent).map_err(|source| {
+                CacheError::CreateDir {
+                    path: parent.to_path_buf(),
+                    source,
+                }
             })?;
         }
         std::fs::rename(src, &dest).map_err(|source| CacheError::Rename {
@@ -572,7 +583,16 @@ impl ContentCache {
         let tmp = self.dir.join(INDEX_TMP);
         let write = || -> std::io::Result<()> {
             let bytes = serde_json::to_vec(&idx).map_err(std::io::Error::other)?;
-            let mut f = std::fs::File::create(&tmp)?;
+            let mut f = {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&tmp)?
+            };
             f.write_all(&bytes)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)
@@ -631,6 +651,8 @@ fn scan_objects(objects: &Path) -> std::io::Result<Vec<(String, u64, u64)>> {
         let Some(prefix) = shard_name.to_str() else {
             continue;
         };
+        // Caches written before objects were private are tightened as they are found.
+        octopus_transfer::safefs::ensure_private_dir(&shard.path())?;
         for ent in std::fs::read_dir(shard.path())? {
             let ent = ent?;
             let name = ent.file_name();
@@ -643,6 +665,7 @@ fn scan_objects(objects: &Path) -> std::io::Result<Vec<(String, u64, u64)>> {
             if !meta.is_file() {
                 continue;
             }
+            octopus_transfer::safefs::make_private_file(&ent.path())?;
             found.push((md5.to_string(), meta.len(), mtime_ms(&meta)));
         }
     }

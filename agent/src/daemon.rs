@@ -126,15 +126,32 @@ impl Files {
     }
 }
 
+/// Everything in the agent's data directory (key, certificates, journal, results,
+/// centers list) is 0600 in a 0700 directory.
+const PRIVATE: u32 = 0o600;
+
+/// Files the agent keeps in its data directory, tightened at start if an older
+/// version left them wider.
+const DATA_FILES: &[&str] = &[
+    "agent.key",
+    "agent.cert",
+    "ca.cert",
+    "centers",
+    "started.log",
+];
+
 fn write_file(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)?;
+    // On the descriptor: a leftover temporary file keeps its old mode otherwise.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
     f.write_all(data)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -194,10 +211,10 @@ async fn identity(cfg: &AgentConfig, ep: &Endpoint) -> Result<(Identity, Vec<u8>
         ));
     }
     tls::verify_issued(&cert_der, &ca_der, true)?;
-    f.io(std::fs::create_dir_all(&f.dir))?;
-    f.io(write_file(&key, own.key_pkcs8(), 0o600))?;
-    f.io(write_file(&ca, &ca_der, 0o644))?;
-    f.io(write_file(&cert, &cert_der, 0o644))?;
+    f.io(octopus_transfer::safefs::ensure_private_dir(&f.dir).map(drop))?;
+    f.io(write_file(&key, own.key_pkcs8(), PRIVATE))?;
+    f.io(write_file(&ca, &ca_der, PRIVATE))?;
+    f.io(write_file(&cert, &cert_der, PRIVATE))?;
     info!(name = %cfg.name, "enrolled with the center");
     Ok((own.with_cert(cert_der, Vec::new()), ca_der))
 }
@@ -220,14 +237,19 @@ impl Journal {
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
             .collect();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
+        let log = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(PRIVATE)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)?
+        };
         // Drop a torn tail so later records stay aligned.
         log.set_len((bytes.len() / 8 * 8) as u64)?;
         let results_dir = dir.join("results");
-        std::fs::create_dir_all(&results_dir)?;
+        octopus_transfer::safefs::ensure_private_dir(&results_dir)?;
         Ok(Journal {
             started,
             log,
@@ -248,7 +270,7 @@ impl Journal {
 
     fn save_result(&self, task: u64, msg: &AgentMsg) -> std::io::Result<()> {
         let body = postcard::to_stdvec(msg).expect("serializes");
-        write_file(&self.results_dir.join(task.to_string()), &body, 0o600)
+        write_file(&self.results_dir.join(task.to_string()), &body, PRIVATE)
     }
 
     fn result(&self, task: u64) -> Option<AgentMsg> {
@@ -338,10 +360,17 @@ impl AgentHandle {
 /// Enrolls if needed, then serves until shut down. Errors before the first session
 /// (not enrolled, enrollment refused) are returned; later ones are retried.
 pub async fn spawn(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| AgentError::DataDir {
-        path: cfg.data_dir.clone(),
-        source,
-    })?;
+    // 0700, not a link, ours; what an older version left wider is tightened.
+    octopus_transfer::safefs::ensure_private_dir(&cfg.data_dir)
+        .and_then(|_| {
+            DATA_FILES.iter().try_for_each(|f| {
+                octopus_transfer::safefs::make_private_file(&cfg.data_dir.join(f))
+            })
+        })
+        .map_err(|source| AgentError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
     // The enrollment endpoint has a throwaway self-signed identity; the session's is
     // rebuilt with the issued certificate below.
     let boot = Identity::generate()?;
@@ -639,7 +668,7 @@ fn learn_centers(state: &State, dir: &Path, current: SocketAddr, announced: &[St
     }
     if changed {
         let text: String = g.0.iter().map(|c| format!("{c}\n")).collect();
-        if let Err(e) = write_file(&dir.join("centers"), text.as_bytes(), 0o644) {
+        if let Err(e) = write_file(&dir.join("centers"), text.as_bytes(), PRIVATE) {
             warn!("saving the list of centers: {e}");
         }
     }

@@ -585,6 +585,8 @@ impl ChildSetup {
         // SAFETY: plain system calls on data owned by `self`; the group list pointer
         // and length describe a live Vec and the cwd is NUL-terminated.
         unsafe {
+            // The agent itself runs with umask 077; commands get the usual one.
+            libc::umask(0o022);
             check(libc::setsid())?;
             if let Some(c) = &self.creds {
                 check(libc::setgroups(c.groups.len() as _, c.groups.as_ptr()))?;

@@ -16,8 +16,10 @@
 //! - **The destination is checked here, on the host**, where the file system is:
 //!   absolute, no `..`, no parent that is a symlink.
 
+use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +28,8 @@ use md5::{Digest, Md5};
 use octopus_transfer::limit::{LimitSet, Limiter};
 use octopus_transfer::manifest::hex;
 use octopus_transfer::node::{self, NodeConfig};
+use octopus_transfer::safefs;
+use octopus_transfer::store::Finish;
 use octopus_transfer::ticket::Ticket;
 
 use crate::cache::ContentCache;
@@ -94,32 +98,28 @@ pub async fn run(
         } else {
             dest.parent().map(Path::to_path_buf).unwrap_or_default()
         };
-        std::fs::create_dir_all(&parent)
+        // One component at a time from `/`, never through a link.
+        let rel = parent.strip_prefix("/").unwrap_or(&parent);
+        safefs::open_dir(Path::new("/"))
+            .and_then(|root| safefs::mkdirs_at(&root, rel, 0o755, Path::new("/")))
             .map_err(|e| format!("creating {}: {e}", parent.display()))?;
     }
+    // Mode and owner are applied by the writers on the open files before the rename
+    // into place, never afterwards by path (a path can be swapped for a link).
     let (files, received) = match &spec.pool {
         Some(pf) => {
             let (pf, spec2, ctx2) = (pf.clone(), spec.clone(), ctx.clone());
             tokio::task::spawn_blocking(move || {
                 let rt = tokio::runtime::Handle::current();
-                pool_fetch(&rt, &pf, &spec2, &dest, &ctx2, &*progress)
+                pool_fetch(&rt, &pf, &spec2, &dest, owner, &ctx2, &*progress)
             })
             .await
             .map_err(|e| format!("the download thread failed: {e}"))??
         }
-        None => swarm_fetch(spec, ctx, dest, progress).await?,
+        None => swarm_fetch(spec, ctx, dest, owner, progress).await?,
     };
     let mut stdout = String::new();
     for (path, md5) in &files {
-        if let Some(mode) = spec.mode {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777))
-                .map_err(|e| format!("setting the mode of {}: {e}", path.display()))?;
-        }
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(path, Some(uid), Some(gid))
-                .map_err(|e| format!("setting the owner of {}: {e}", path.display()))?;
-        }
         stdout.push_str(&format!("{md5}  {}\n", path.display()));
     }
     stdout.push_str(&format!(
@@ -185,6 +185,7 @@ async fn swarm_fetch(
     spec: &FetchSpec,
     ctx: &FetchCtx,
     dest: PathBuf,
+    owner: Option<(u32, u32)>,
     progress: OnProgress,
 ) -> Result<(Vec<(PathBuf, String)>, u64), String> {
     let ticket = Ticket::decode(&spec.ticket).map_err(|e| format!("reading the ticket: {e}"))?;
@@ -195,6 +196,10 @@ async fn swarm_fetch(
         node_up: ctx.node_up.clone(),
         node_down: ctx.node_down.clone(),
         tags: spec.tags.clone(),
+        finish: Finish {
+            mode: spec.mode.map(|m| m & 0o7777),
+            owner,
+        },
         ..Default::default()
     };
     let h = node::get(cfg, ticket, dest)
@@ -252,17 +257,20 @@ fn keep_in_cache(cache: &ContentCache, path: &Path, md5: &str) {
     if cache.get(md5).is_some() {
         return;
     }
-    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(u64::MAX);
+    // The destination is the user's: opened without following a link it may have
+    // become, and checked again after the copy, since it may have changed.
+    let Ok(mut from) = safefs::open_read_nofollow(path) else {
+        return;
+    };
+    let size = from.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
     if size > cache.quota() {
         return;
     }
     let staged = cache
         .staging_dir()
         .join(format!("{md5}.{:016x}", rand::random::<u64>()));
-    // Checked again after the copy: the destination is the user's, and may have been
-    // changed since it was verified.
-    let res = std::fs::create_dir_all(cache.staging_dir())
-        .and_then(|_| std::fs::copy(path, &staged))
+    let res = create_private(&staged)
+        .and_then(|mut to| std::io::copy(&mut from, &mut to))
         .map_err(|e| e.to_string())
         .and_then(|_| match file_md5(&staged) {
             Ok(m) if m == md5 => Ok(()),
@@ -281,7 +289,8 @@ fn single_target(dest: &Path, dest_text: &str, name: &str) -> Result<PathBuf, St
     if name.is_empty() || name == "." || name == ".." || name.contains('/') {
         return Err(format!("bad file name {name:?}"));
     }
-    if dest_text.ends_with('/') || dest.is_dir() {
+    let is_dir = std::fs::symlink_metadata(dest).is_ok_and(|m| m.is_dir());
+    if dest_text.ends_with('/') || is_dir {
         Ok(dest.join(name))
     } else {
         Ok(dest.to_path_buf())
@@ -293,27 +302,89 @@ fn file_md5(path: &Path) -> std::io::Result<String> {
     octopus_transfer::manifest::md5_file(path).map(|m| hex(&m))
 }
 
-/// A temporary sibling of `target`, for write-then-rename.
-fn temp_beside(target: &Path) -> PathBuf {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    target.with_file_name(format!(".{name}.octo-{}.tmp", std::process::id()))
+/// MD5 of an open file as lowercase hex.
+fn reader_md5(mut f: &std::fs::File) -> std::io::Result<String> {
+    let mut h = Md5::new();
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex(h.finalize().as_slice()));
+        }
+        h.update(&buf[..n]);
+    }
 }
 
-/// Copies `from` to `target` atomically (temporary file, then rename).
-fn place(from: &Path, target: &Path, mode: u32) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let tmp = temp_beside(target);
-    let res = std::fs::copy(from, &tmp)
-        .and_then(|_| {
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode & 0o7777))
-        })
-        .and_then(|_| std::fs::rename(&tmp, target));
-    res.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("writing {}: {e}", target.display())
+/// A new file only this process can read (0600), never through a link, in a private
+/// directory (the cache's staging area, made again if it went missing).
+fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        safefs::ensure_private_dir(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// The directory `target` lands in, opened one component at a time without following
+/// a link, and the name it gets there.
+fn open_parent(target: &Path) -> Result<(OwnedFd, OsString), String> {
+    let parent = target
+        .parent()
+        .ok_or_else(|| format!("{} has no parent directory", target.display()))?;
+    let name = target
+        .file_name()
+        .ok_or_else(|| format!("{} names no file", target.display()))?;
+    let dir = safefs::open_dir(parent).map_err(|e| format!("opening {}: {e}", parent.display()))?;
+    Ok((dir, name.to_os_string()))
+}
+
+/// Writes `name` in `dir` atomically: `fill` writes a fresh temporary file (random
+/// name, `O_EXCL|O_NOFOLLOW`, 0600), mode and owner go on its descriptor, then it is
+/// renamed over `name` (a link there is replaced, never followed).
+fn place_with(
+    dir: &OwnedFd,
+    name: &OsStr,
+    target: &Path,
+    mode: u32,
+    owner: Option<(u32, u32)>,
+    fill: impl FnOnce(&mut std::fs::File) -> Result<(), String>,
+) -> Result<(), String> {
+    let tmp = format!(".octo-{:016x}.tmp", rand::random::<u64>());
+    let res = safefs::open_file_at(dir, &tmp, true, 0o600)
+        .map_err(|e| format!("writing {}: {e}", target.display()))
+        .and_then(|mut f| {
+            fill(&mut f)?;
+            f.sync_all()
+                .and_then(|_| safefs::apply_mode_owner(&f, mode, owner))
+                .and_then(|_| safefs::rename_at(dir, &tmp, dir, name))
+                .map_err(|e| format!("writing {}: {e}", target.display()))
+        });
+    if res.is_err() {
+        let _ = safefs::unlink_at(dir, OsStr::new(&tmp));
+    }
+    res
+}
+
+/// Copies the private file `from` (in the cache) to `name` in `dir`.
+fn place(
+    from: &Path,
+    dir: &OwnedFd,
+    name: &OsStr,
+    target: &Path,
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> Result<(), String> {
+    place_with(dir, name, target, mode, owner, |to| {
+        let mut src = safefs::open_read_nofollow(from)
+            .map_err(|e| format!("reading {}: {e}", from.display()))?;
+        std::io::copy(&mut src, to)
+            .map(|_| ())
+            .map_err(|e| format!("writing {}: {e}", target.display()))
     })
 }
 
@@ -325,61 +396,64 @@ fn pool_fetch(
     pf: &PoolFile,
     spec: &FetchSpec,
     dest: &Path,
+    owner: Option<(u32, u32)>,
     ctx: &FetchCtx,
     progress: &(dyn Fn(u64, u64) + Send + Sync),
 ) -> Result<(Vec<(PathBuf, String)>, u64), String> {
     let target = single_target(dest, &spec.dest, &pf.name)?;
+    let (dir, name) = open_parent(&target)?;
+    let mode = spec.mode.unwrap_or(pf.mode) & 0o7777;
     let done = |received| Ok((vec![(target.clone(), pf.md5.clone())], received));
-    if std::fs::metadata(&target).is_ok_and(|m| m.is_file() && m.len() == pf.size)
-        && file_md5(&target).is_ok_and(|m| m == pf.md5)
-    {
-        progress(pf.size, pf.size);
-        return done(0);
+    if let Ok(Some(f)) = safefs::open_read_at(&dir, &name) {
+        // A file with other hard links is replaced, never chowned in place: a link to
+        // a file elsewhere could have been planted.
+        let same = f.metadata().is_ok_and(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.len() == pf.size && m.nlink() == 1
+        }) && reader_md5(&f).is_ok_and(|m| m == pf.md5);
+        if same {
+            safefs::apply_mode_owner(&f, mode, owner)
+                .map_err(|e| format!("setting mode and owner of {}: {e}", target.display()))?;
+            progress(pf.size, pf.size);
+            return done(0);
+        }
     }
     if let Some(cached) = ctx.cache.as_ref().and_then(|c| c.get(&pf.md5)) {
-        place(&cached, &target, pf.mode)?;
+        place(&cached, &dir, &name, &target, mode, owner)?;
         progress(pf.size, pf.size);
         return done(0);
     }
-    // Download into the cache's staging area when the file may be cached, else next
-    // to the target.
-    let cache = ctx.cache.as_ref().filter(|c| pf.size <= c.quota());
-    let staged = match cache {
-        Some(c) => {
-            std::fs::create_dir_all(c.staging_dir())
-                .map_err(|e| format!("creating the staging area: {e}"))?;
-            c.staging_dir()
-                .join(format!("{}.{:016x}", pf.md5, rand::random::<u64>()))
-        }
-        None => temp_beside(&target),
+    // Download into the cache's staging area when the file may be cached, else
+    // straight into a temporary file beside the target.
+    let Some(c) = ctx.cache.as_ref().filter(|c| pf.size <= c.quota()) else {
+        place_with(&dir, &name, &target, mode, owner, |f| {
+            download(rt, pf, spec, ctx, f, &target, progress)
+        })?;
+        return done(pf.size);
     };
-    let res = download(rt, pf, spec, ctx, &staged, progress);
+    let staged = c
+        .staging_dir()
+        .join(format!("{}.{:016x}", pf.md5, rand::random::<u64>()));
+    let res = create_private(&staged)
+        .map_err(|e| format!("creating {}: {e}", staged.display()))
+        .and_then(|mut f| download(rt, pf, spec, ctx, &mut f, &staged, progress));
     if let Err(e) = res {
         let _ = std::fs::remove_file(&staged);
         return Err(e);
     }
-    match cache {
-        Some(c) => {
-            let obj = c
-                .insert(&pf.md5, &staged)
-                .map_err(|e| format!("caching the download: {e}"));
-            match obj {
-                Ok(obj) => {
-                    ctx.cached.notify_one();
-                    place(&obj, &target, pf.mode)?
-                }
-                Err(e) => {
-                    tracing::info!("{e}; writing the download straight to its destination");
-                    place(&staged, &target, pf.mode)?;
-                    let _ = std::fs::remove_file(&staged);
-                }
-            }
+    match c
+        .insert(&pf.md5, &staged)
+        .map_err(|e| format!("caching the download: {e}"))
+    {
+        Ok(obj) => {
+            ctx.cached.notify_one();
+            place(&obj, &dir, &name, &target, mode, owner)?
         }
-        None => {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(pf.mode & 0o7777))
-                .and_then(|_| std::fs::rename(&staged, &target))
-                .map_err(|e| format!("writing {}: {e}", target.display()))?;
+        Err(e) => {
+            tracing::info!("{e}; writing the download straight to its destination");
+            let r = place(&staged, &dir, &name, &target, mode, owner);
+            let _ = std::fs::remove_file(&staged);
+            r?
         }
     }
     done(pf.size)
@@ -392,6 +466,7 @@ fn download(
     pf: &PoolFile,
     spec: &FetchSpec,
     ctx: &FetchCtx,
+    out: &mut std::fs::File,
     to: &Path,
     progress: &(dyn Fn(u64, u64) + Send + Sync),
 ) -> Result<(), String> {
@@ -424,8 +499,6 @@ fn download(
     }
     let limits = LimitSet::new([Limiter::new(spec.limit_down), ctx.node_down.clone()]);
     let mut reader = resp.into_body().into_reader();
-    let mut out =
-        std::fs::File::create(to).map_err(|e| format!("creating {}: {e}", to.display()))?;
     let mut h = Md5::new();
     let mut got = 0u64;
     let mut buf = vec![0u8; 64 << 10];

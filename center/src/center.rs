@@ -69,7 +69,7 @@ pub const DEFAULT_CONTENT_QUOTA: u64 = 20 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CenterError {
-    #[error("creating the data directory {path}: {source}")]
+    #[error("using the data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
         source: std::io::Error,
@@ -263,10 +263,18 @@ pub fn fingerprint_hex(fp: &tls::Fingerprint) -> String {
 /// Starts a center: opens (or creates) its store and CA, binds the API on TCP and the
 /// agents' endpoint on UDP at the same address, and serves until shut down.
 pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| CenterError::DataDir {
-        path: cfg.data_dir.clone(),
-        source,
-    })?;
+    // The data directory holds the CA's key (in center.redb) and the admin token: 0700,
+    // not a link, ours; files an older version left wider are tightened.
+    octopus_transfer::safefs::ensure_private_dir(&cfg.data_dir)
+        .and_then(|_| {
+            ["center.redb", "admin.token"].iter().try_for_each(|f| {
+                octopus_transfer::safefs::make_private_file(&cfg.data_dir.join(f))
+            })
+        })
+        .map_err(|source| CenterError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
     // With a registry, everything the centers must agree on (tokens, inventory, tasks,
     // queues, results, the CA) lives in ZooKeeper; without, in the embedded redb.
     let (registry, store): (_, Arc<dyn Store>) = match &cfg.registry {
@@ -282,13 +290,18 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
             .map_err(|e| CenterError::Content(format!("opening the shared store: {e}")))??;
             (Some(crate::zk::Registry::new(session)), Arc::new(store))
         }
-        None => (
-            None,
-            Arc::new(RedbStore::open_with_reserve(
-                &cfg.data_dir.join("center.redb"),
-                cfg.disk_reserve,
-            )?),
-        ),
+        None => {
+            let path = cfg.data_dir.join("center.redb");
+            let store = RedbStore::open_with_reserve(&path, cfg.disk_reserve)?;
+            // redb creates it with the process umask; the CA's key is inside.
+            octopus_transfer::safefs::make_private_file(&path).map_err(|source| {
+                CenterError::DataDir {
+                    path: cfg.data_dir.clone(),
+                    source,
+                }
+            })?;
+            (None, Arc::new(store))
+        }
     };
     let ca = load_or_create_ca(store.as_ref())?;
     if registry.is_none() {

@@ -109,7 +109,7 @@ impl Content {
         let cache = ContentCache::open(&data_dir.join("content"), quota)
             .map_err(|e| format!("opening the content cache: {e}"))?;
         let seeds_dir = data_dir.join("seeds");
-        std::fs::create_dir_all(&seeds_dir)
+        octopus_transfer::safefs::ensure_private_dir(&seeds_dir)
             .map_err(|e| format!("creating {}: {e}", seeds_dir.display()))?;
         Ok(Content {
             cache: Arc::new(cache),
@@ -140,7 +140,15 @@ impl Content {
         let staging = self.cache.staging_dir();
         std::fs::create_dir_all(&staging).map_err(UploadError::Staging)?;
         let tmp = staging.join(format!("upload-{:016x}", rand::random::<u64>()));
-        let mut f = std::fs::File::create(&tmp).map_err(UploadError::Staging)?;
+        let mut f = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(UploadError::Staging)?
+        };
         let mut h = Md5::new();
         let mut n = 0u64;
         let res: Result<(), UploadError> = async {
@@ -201,6 +209,11 @@ impl Content {
             let to = dir.join(&rel);
             if let Some(p) = to.parent() {
                 std::fs::create_dir_all(p).map_err(|e| format!("creating {}: {e}", p.display()))?;
+                // The seed's directories become the copy's: 0755, not the umask's 0700.
+                for a in p.ancestors().take_while(|a| *a != dir) {
+                    std::fs::set_permissions(a, std::fs::Permissions::from_mode(0o755))
+                        .map_err(|e| format!("creating {}: {e}", a.display()))?;
+                }
             }
             if to.exists() {
                 return Err(format!("{} is listed twice", f.path));

@@ -752,6 +752,8 @@ pub async fn center(
     registry: Option<String>,
     json_out: bool,
 ) -> Result<()> {
+    // Defence in depth: whatever the center writes is private unless it says otherwise.
+    octopus_transfer::safefs::set_umask(0o077);
     let data_dir = data_dir.unwrap_or_else(|| default_dir("center"));
     let registry = registry.or_else(|| from_config("registry"));
     let h = octopus_center::center::spawn(octopus_center::center::CenterConfig {
@@ -864,6 +866,9 @@ pub async fn agent(o: AgentOpts) -> Result<()> {
         tags.push((k.to_string(), v.to_string()));
     }
     let name = o.name.unwrap_or_else(octopus_agent::hostinfo::hostname);
+    // Defence in depth: whatever the agent writes is private unless it says otherwise
+    // (deliveries get their modes explicitly; commands get umask 022 back).
+    octopus_transfer::safefs::set_umask(0o077);
     let data_dir = o.data_dir.unwrap_or_else(|| default_dir("agent"));
     let started = Instant::now();
     let h = octopus_agent::daemon::spawn(octopus_agent::daemon::AgentConfig {

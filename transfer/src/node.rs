@@ -83,6 +83,9 @@ pub struct NodeConfig {
     /// Locality tags (`idc=bj1`, `rack=r3`) a getter announces; the tracker hands it
     /// peers sharing the most of them first.
     pub tags: Vec<String>,
+    /// Mode and owner a getter applies to what it delivers, on the open files before
+    /// they are renamed into place.
+    pub finish: crate::store::Finish,
 }
 
 /// Deliberate misbehaviour, so tests can run a bad peer as a real process.
@@ -116,6 +119,7 @@ impl Default for NodeConfig {
             identity: None,
             fault: None,
             tags: Vec::new(),
+            finish: Default::default(),
         }
     }
 }
@@ -279,7 +283,8 @@ pub async fn get(cfg: NodeConfig, ticket: Ticket, dest: PathBuf) -> Result<NodeH
     let manifest = Arc::new(manifest);
     let dest = Destination::resolve(&manifest, &dest)?;
     let m2 = manifest.clone();
-    let store = tokio::task::spawn_blocking(move || PartialStore::open(m2, dest))
+    let finish = cfg.finish;
+    let store = tokio::task::spawn_blocking(move || PartialStore::open_with(m2, dest, finish))
         .await
         .expect("store thread panicked")?;
     let store = Arc::new(store);

@@ -8,9 +8,14 @@
 //!   was `fallocate`d up front: a full disk is reported before the transfer starts,
 //!   and writes never grow memory, whatever the file size.
 //! - The staging area lives beside the destination (same filesystem, so `rename(2)`
-//!   is atomic) as `.octo-<content id>.partial/`, holding the manifest, the staging
-//!   files and `verified`, one byte per piece. A killed `octo get` finds it again and
-//!   fetches only what is not verified. Claimed pieces are re-hashed on resume, so a
+//!   is atomic) as `.octo-<key>-<random>.partial/`, holding the manifest, the staging
+//!   files and `verified`, one byte per piece. A killed `octo get` finds it again by
+//!   the key (content and destination) and fetches only what is not verified.
+//! - The destination's directory may belong to someone else (an agent writes as root
+//!   into `/home/deploy`): the staging area is created 0700 under a random name and
+//!   resumed only if it is a real directory of ours with mode 0700, and every file is
+//!   reached through directory descriptors opened `O_NOFOLLOW` ([`crate::safefs`]),
+//!   with mode and owner set on the open file before `renameat`. Claimed pieces are re-hashed on resume, so a
 //!   crash between a write and its record cannot smuggle in bad bytes.
 //! - Nothing is visible at the destination until every file passed its whole-file
 //!   MD5; then each file is renamed into place with its mode already applied.
@@ -19,9 +24,11 @@
 //!   moves no bytes over the network, an updated file only its changed pieces.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -30,6 +37,7 @@ use md5::{Digest, Md5};
 use memmap2::Mmap;
 
 use crate::manifest::{hex, EntryKind, Manifest, Md5Sum, PieceInfo};
+use crate::safefs;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -105,12 +113,17 @@ struct Maps {
 }
 
 impl Maps {
-    fn get(&self, entry: usize, path: &Path) -> Result<Arc<Mmap>, StoreError> {
+    fn get(
+        &self,
+        entry: usize,
+        path: &Path,
+        open: impl FnOnce() -> io::Result<File>,
+    ) -> Result<Arc<Mmap>, StoreError> {
         let mut maps = self.maps.lock().unwrap();
         if let Some(m) = maps.get(&entry) {
             return Ok(m.clone());
         }
-        let f = File::open(path).map_err(io_err("opening", path))?;
+        let f = open().map_err(io_err("opening", path))?;
         // SAFETY: the mapping is read-only. If another process truncates the file while
         // mapped, reads could fault; files being shared are expected to stay put, as
         // with any seeding BitTorrent client.
@@ -119,8 +132,14 @@ impl Maps {
         Ok(m)
     }
 
-    fn slice(&self, entry: usize, path: &Path, p: &PieceInfo) -> Result<Bytes, StoreError> {
-        let map = self.get(entry, path)?;
+    fn slice(
+        &self,
+        entry: usize,
+        path: &Path,
+        p: &PieceInfo,
+        open: impl FnOnce() -> io::Result<File>,
+    ) -> Result<Bytes, StoreError> {
+        let map = self.get(entry, path, open)?;
         let start = p.offset as usize;
         let end = start + p.len as usize;
         if end > map.len() {
@@ -194,7 +213,7 @@ impl SeedStore {
     pub fn read_piece(&self, piece: u32) -> Result<Bytes, StoreError> {
         let p = self.pieces[piece as usize];
         let path = self.paths[p.entry].as_ref().expect("files have paths");
-        self.maps.slice(p.entry, path, &p)
+        self.maps.slice(p.entry, path, &p, || File::open(path))
     }
 }
 
@@ -204,16 +223,22 @@ pub struct Destination {
     /// Final path of every manifest entry.
     pub finals: Vec<PathBuf>,
     /// Directory holding the staging area (same filesystem as the finals).
-    pub staging: PathBuf,
+    pub base: PathBuf,
+    /// Every entry's path relative to `base`.
+    rel: Vec<PathBuf>,
+    /// Staging areas for this content at this destination are named
+    /// `<prefix><random>.partial`: found again by the prefix, never guessable whole.
+    prefix: String,
 }
 
 impl Destination {
     /// cp semantics: one root and `dest` an existing directory → `dest/<root>`; one
     /// root otherwise → `dest` itself (its parent must exist); several roots →
-    /// `dest` must be an existing directory.
+    /// `dest` must be an existing directory. A symlink at `dest` is not followed: a
+    /// single file replaces the link itself.
     pub fn resolve(manifest: &Manifest, dest: &Path) -> Result<Destination, StoreError> {
         let roots = manifest.roots();
-        let dest_is_dir = dest.is_dir();
+        let dest_is_dir = fs::symlink_metadata(dest).is_ok_and(|m| m.is_dir());
         let (base_dir, rename_single): (PathBuf, Option<PathBuf>) =
             if roots.len() == 1 && !dest_is_dir {
                 let parent = match dest.parent() {
@@ -224,20 +249,23 @@ impl Destination {
                 if !parent.is_dir() {
                     return Err(StoreError::NoParent(dest.to_path_buf()));
                 }
-                (parent, Some(dest.to_path_buf()))
+                let name = dest
+                    .file_name()
+                    .ok_or_else(|| StoreError::NotADirectory(dest.to_path_buf()))?;
+                (parent, Some(PathBuf::from(name)))
             } else if dest_is_dir {
                 (dest.to_path_buf(), None)
             } else {
                 return Err(StoreError::NotADirectory(dest.to_path_buf()));
             };
-        let finals: Vec<PathBuf> = manifest
+        let rel: Vec<PathBuf> = manifest
             .entries
             .iter()
             .map(|e| {
                 let (root, rest) = e.path.split_once('/').unwrap_or((&e.path, ""));
                 let root_path = match &rename_single {
                     Some(p) => p.clone(),
-                    None => base_dir.join(root),
+                    None => PathBuf::from(root),
                 };
                 if rest.is_empty() {
                     root_path
@@ -246,6 +274,7 @@ impl Destination {
                 }
             })
             .collect();
+        let finals = rel.iter().map(|r| base_dir.join(r)).collect::<Vec<_>>();
         // Named after the content *and* where it lands, so two gets of the same content
         // into one directory under different names never share a staging area.
         let mut key = Md5::new();
@@ -256,9 +285,19 @@ impl Destination {
         let key: Md5Sum = key.finalize().into();
         Ok(Destination {
             finals,
-            staging: base_dir.join(format!(".octo-{}.partial", &hex(&key)[..20])),
+            base: base_dir,
+            rel,
+            prefix: format!(".octo-{}-", &hex(&key)[..20]),
         })
     }
+}
+
+/// What to apply to the delivered files before they are renamed into place: a mode
+/// for every file instead of the manifest's, and an owner for everything delivered.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Finish {
+    pub mode: Option<u32>,
+    pub owner: Option<(u32, u32)>,
 }
 
 /// Receives a content into a staging area and renames it into place at the end.
@@ -266,12 +305,17 @@ pub struct PartialStore {
     manifest: Arc<Manifest>,
     pieces: Vec<PieceInfo>,
     dest: Destination,
+    finish: Finish,
+    /// The destination's directory and the staging area inside it, opened without
+    /// following links; every later file operation is relative to one of them.
+    base_fd: OwnedFd,
+    st_fd: OwnedFd,
+    st_name: OsString,
+    staging: PathBuf,
     files: HashMap<usize, File>,
     record: File,
     verified: Mutex<Vec<bool>>,
     maps: Maps,
-    /// Set once every file has been renamed into place: reads then use the finals.
-    finalized: std::sync::atomic::AtomicBool,
     /// Woken whenever a piece is verified, for the in-order whole-file hasher.
     verified_cv: Condvar,
     /// Whole-file MD5s computed in order while the download runs, by entry.
@@ -285,37 +329,83 @@ pub struct PartialStore {
 impl std::fmt::Debug for PartialStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PartialStore")
-            .field("staging", &self.dest.staging)
+            .field("staging", &self.staging)
             .finish()
     }
+}
+
+/// Reads `name` in `dir` if it is exactly `want` (reads at most one byte more).
+fn holds(dir: &OwnedFd, name: &str, want: &[u8]) -> bool {
+    use std::io::Read;
+    let Ok(Some(f)) = safefs::open_read_at(dir, OsStr::new(name)) else {
+        return false;
+    };
+    let mut got = Vec::new();
+    f.take(want.len() as u64 + 1)
+        .read_to_end(&mut got)
+        .is_ok_and(|_| got == want)
 }
 
 impl PartialStore {
     /// Open (or resume) the staging area for `manifest` at `dest`.
     pub fn open(manifest: Arc<Manifest>, dest: Destination) -> Result<PartialStore, StoreError> {
-        let st = dest.staging.clone();
-        fs::create_dir_all(&st).map_err(io_err("creating", &st))?;
-        let mpath = st.join("manifest");
+        PartialStore::open_with(manifest, dest, Finish::default())
+    }
+
+    /// Open (or resume) the staging area, applying `finish` to what it delivers.
+    ///
+    /// The staging area is a directory beside the destination with a random name,
+    /// created 0700. An earlier run's area is resumed only if it is a real directory
+    /// (not a link), owned by this process's user, mode 0700, holding this manifest:
+    /// nobody else can have put anything in it. Anything else with a matching name is
+    /// left alone and a fresh area is made.
+    pub fn open_with(
+        manifest: Arc<Manifest>,
+        dest: Destination,
+        finish: Finish,
+    ) -> Result<PartialStore, StoreError> {
+        let base = dest.base.clone();
+        let base_fd = safefs::open_dir(&base).map_err(io_err("opening", &base))?;
         let encoded = manifest.encode();
-        match fs::read(&mpath) {
-            Ok(b) if b == encoded => {}
-            Ok(_) => return Err(StoreError::StagingMismatch(st)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                write_atomic(&mpath, &encoded)?;
+        let mut resumed = None;
+        // A few candidates at most: the directory may be a user's, full of decoys.
+        for name in safefs::names_matching(&base_fd, &dest.prefix, ".partial", 16)
+            .map_err(io_err("listing", &base))?
+        {
+            match safefs::open_private_dir_at(&base_fd, &name) {
+                Ok(Some(fd)) if holds(&fd, "manifest", &encoded) => {
+                    resumed = Some((name, fd));
+                    break;
+                }
+                _ => tracing::warn!(
+                    staging = %base.join(&name).display(),
+                    "not resuming from a staging area that is not a private directory of ours holding this content"
+                ),
             }
-            Err(e) => return Err(io_err("reading", &mpath)(e)),
         }
+        let fresh = resumed.is_none();
+        let (st_name, st_fd) = match resumed {
+            Some(r) => r,
+            None => {
+                let name = OsString::from(format!(
+                    "{}{:016x}.partial",
+                    dest.prefix,
+                    rand::random::<u64>()
+                ));
+                let shown = base.join(&name);
+                let fd = safefs::create_private_dir_at(&base_fd, &name, &shown)
+                    .map_err(io_err("creating", &shown))?;
+                write_atomic_at(&fd, &shown, "manifest", &encoded)?;
+                (name, fd)
+            }
+        };
+        let st = base.join(&st_name);
         let pieces = manifest.pieces();
         let mut files = HashMap::new();
         for (i, size, _) in manifest.files() {
-            let p = st.join(format!("f{i}"));
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&p)
+            let name = format!("f{i}");
+            let p = st.join(&name);
+            let f = safefs::open_file_at(&st_fd, &name, fresh, 0o600)
                 .map_err(io_err("creating", &p))?;
             if size > 0 {
                 let cur = f.metadata().map_err(io_err("reading", &p))?.len();
@@ -340,12 +430,7 @@ impl PartialStore {
             files.insert(i, f);
         }
         let rpath = st.join("verified");
-        let record = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&rpath)
+        let record = safefs::open_file_at(&st_fd, "verified", fresh, 0o600)
             .map_err(io_err("opening", &rpath))?;
         let mut bytes = vec![0u8; pieces.len()];
         let n = record.read_at(&mut bytes, 0).unwrap_or(0);
@@ -356,10 +441,14 @@ impl PartialStore {
             manifest,
             pieces,
             dest,
+            finish,
+            base_fd,
+            st_fd,
+            st_name,
+            staging: st,
             files,
             record,
             maps: Maps::default(),
-            finalized: std::sync::atomic::AtomicBool::new(false),
             verified_cv: Condvar::new(),
             whole: Mutex::new(HashMap::new()),
             whole_cv: Condvar::new(),
@@ -383,22 +472,59 @@ impl PartialStore {
         Ok(store)
     }
 
+    /// The existing regular file at entry `e`'s final path, opened without following
+    /// a link anywhere below the destination's directory.
+    fn open_final(&self, e: usize) -> Option<File> {
+        let rel = &self.dest.rel[e];
+        let parent = match rel.parent() {
+            Some(p) if !p.as_os_str().is_empty() => safefs::walk_at(&self.base_fd, p).ok()?,
+            _ => self.base_fd.try_clone().ok()?,
+        };
+        safefs::open_read_at(&parent, rel.file_name()?).ok()?
+    }
+
+    /// The directory that entry `e` lands in, created (0700 until finalize sets the
+    /// manifest's modes) where missing, never through a link.
+    fn final_parent(&self, e: usize) -> Result<OwnedFd, StoreError> {
+        let rel = &self.dest.rel[e];
+        match rel.parent() {
+            Some(p) if !p.as_os_str().is_empty() => {
+                safefs::mkdirs_at(&self.base_fd, p, 0o700, &self.dest.base)
+                    .map_err(io_err("creating", &self.dest.base.join(p)))
+            }
+            _ => self
+                .base_fd
+                .try_clone()
+                .map_err(io_err("opening", &self.dest.base)),
+        }
+    }
+
     /// Pieces already at the destination (an earlier copy of the same content, or an
     /// older version of the file) are copied into the staging area instead of fetched,
     /// if their MD5 matches: a repeated copy moves no bytes over the network, and an
     /// updated file only its changed pieces, like rsync's basis file. Verified like any
     /// other piece, so a stale or foreign destination file can only be ignored.
     fn adopt_from_destination(&self) -> Result<(), StoreError> {
-        let missing: Vec<u32> = {
+        let unverified: Vec<u32> = {
             let v = self.verified.lock().unwrap();
             (0..self.pieces.len() as u32)
                 .filter(|&i| !v[i as usize])
-                .filter(|&i| {
-                    let e = self.pieces[i as usize].entry;
-                    fs::symlink_metadata(&self.dest.finals[e]).is_ok_and(|m| m.is_file())
-                })
                 .collect()
         };
+        let mut finals: HashMap<usize, File> = HashMap::new();
+        for &i in &unverified {
+            let e = self.pieces[i as usize].entry;
+            if let std::collections::hash_map::Entry::Vacant(v) = finals.entry(e) {
+                if let Some(f) = self.open_final(e) {
+                    v.insert(f);
+                }
+            }
+        }
+        let missing: Vec<u32> = unverified
+            .into_iter()
+            .filter(|&i| finals.contains_key(&self.pieces[i as usize].entry))
+            .collect();
+        let finals = &finals;
         if missing.is_empty() {
             return Ok(());
         }
@@ -413,15 +539,9 @@ impl PartialStore {
                     s.spawn(move || {
                         let mut adopted = Vec::new();
                         let mut buf = Vec::new();
-                        let mut open: Option<(usize, File)> = None;
                         for &id in ids {
                             let p = self.pieces[id as usize];
-                            if open.as_ref().is_none_or(|(e, _)| *e != p.entry) {
-                                open = File::open(&self.dest.finals[p.entry])
-                                    .ok()
-                                    .map(|f| (p.entry, f));
-                            }
-                            let Some((_, f)) = &open else { continue };
+                            let f = &finals[&p.entry];
                             buf.resize(p.len as usize, 0);
                             if f.read_exact_at(&mut buf, p.offset).is_err() {
                                 continue;
@@ -455,7 +575,7 @@ impl PartialStore {
     }
 
     pub fn staging(&self) -> &Path {
-        &self.dest.staging
+        &self.staging
     }
 
     pub fn piece(&self, piece: u32) -> PieceInfo {
@@ -476,10 +596,10 @@ impl PartialStore {
         let p = self.pieces[piece as usize];
         let f = &self.files[&p.entry];
         f.write_all_at(data, p.offset + offset as u64).map_err(|e| {
-            let path = self.dest.staging.join(format!("f{}", p.entry));
+            let path = self.staging.join(format!("f{}", p.entry));
             let mut err = io_err("writing", &path)(e);
             if let StoreError::DiskFull { staging, need, .. } = &mut err {
-                *staging = self.dest.staging.clone();
+                *staging = self.staging.clone();
                 *need = data.len() as u64;
             }
             err
@@ -492,18 +612,17 @@ impl PartialStore {
         self.verified_cv.notify_all();
         self.record
             .write_all_at(&[1], piece as u64)
-            .map_err(io_err("recording", &self.dest.staging))
+            .map_err(io_err("recording", &self.staging))
     }
 
     /// Bytes of a verified piece, for uploading to other peers.
     pub fn read_piece(&self, piece: u32) -> Result<Bytes, StoreError> {
+        // Mapped from the open staging file: the mapping follows the inode, so it keeps
+        // serving after the rename into place, and no path is ever opened again.
         let p = self.pieces[piece as usize];
-        let path = if self.finalized.load(std::sync::atomic::Ordering::Acquire) {
-            self.dest.finals[p.entry].clone()
-        } else {
-            self.dest.staging.join(format!("f{}", p.entry))
-        };
-        self.maps.slice(p.entry, &path, &p)
+        let path = &self.dest.finals[p.entry];
+        self.maps
+            .slice(p.entry, path, &p, || self.files[&p.entry].try_clone())
     }
 
     /// Start the in-order whole-file hasher: a thread that follows the verified pieces
@@ -629,7 +748,7 @@ impl PartialStore {
     /// Check whole-file MD5s, then rename every entry into place. Call once every
     /// piece is verified. On a failed check the file's pieces are un-recorded.
     pub fn finalize(&self) -> Result<Vec<(PathBuf, Md5Sum)>, StoreError> {
-        let st = &self.dest.staging;
+        let st = &self.staging;
         // Whole-file MD5 of files that were checked piece by piece (small files are
         // their own single piece, already checked by their whole-file MD5).
         let big: Vec<(usize, u64, Md5Sum)> = self
@@ -679,58 +798,90 @@ impl PartialStore {
         let mut out = Vec::new();
         let mut dirs = Vec::new();
         // Map every file before renaming: a mapping follows the inode, so uploads to
-        // other peers keep working, and nothing is ever read from the staging path again.
+        // other peers keep working after the rename.
         for (i, size, _) in self.manifest.files() {
             if size > 0 {
-                self.maps.get(i, &st.join(format!("f{i}")))?;
+                let path = st.join(format!("f{i}"));
+                self.maps.get(i, &path, || self.files[&i].try_clone())?;
             }
         }
-        self.finalized
-            .store(true, std::sync::atomic::Ordering::Release);
+        let owner = self.finish.owner;
         for (i, e) in self.manifest.entries.iter().enumerate() {
             let fin = &self.dest.finals[i];
+            let name = self.dest.rel[i]
+                .file_name()
+                .ok_or_else(|| StoreError::NotADirectory(fin.clone()))?;
             match &e.kind {
                 EntryKind::Dir => {
-                    fs::create_dir_all(fin).map_err(io_err("creating", fin))?;
-                    dirs.push((fin.clone(), e.mode));
+                    let fd =
+                        safefs::mkdirs_at(&self.base_fd, &self.dest.rel[i], 0o700, &self.dest.base)
+                            .map_err(io_err("creating", fin))?;
+                    dirs.push((fd, fin.clone(), e.mode));
                 }
                 EntryKind::File { md5, .. } => {
-                    let staged = st.join(format!("f{i}"));
-                    fs::set_permissions(&staged, fs::Permissions::from_mode(e.mode))
-                        .map_err(io_err("setting mode of", &staged))?;
-                    fs::rename(&staged, fin).map_err(io_err("renaming into", fin))?;
+                    let staged = format!("f{i}");
+                    let mode = self.finish.mode.unwrap_or(e.mode) & 0o7777;
+                    // On the open file, before it is visible: nothing can be swapped in
+                    // between setting the owner and the mode and the rename.
+                    safefs::apply_mode_owner(&self.files[&i], mode, owner)
+                        .map_err(io_err("setting mode and owner of", &st.join(&staged)))?;
+                    let parent = self.final_parent(i)?;
+                    safefs::rename_at(&self.st_fd, &staged, &parent, name)
+                        .map_err(io_err("renaming into", fin))?;
                     out.push((fin.clone(), *md5));
                 }
                 EntryKind::Symlink { target } => {
-                    let staged = st.join(format!("l{i}"));
-                    let _ = fs::remove_file(&staged);
-                    std::os::unix::fs::symlink(target, &staged)
-                        .map_err(io_err("creating", &staged))?;
-                    fs::rename(&staged, fin).map_err(io_err("renaming into", fin))?;
+                    let staged = format!("l{i}");
+                    let _ = safefs::unlink_at(&self.st_fd, OsStr::new(&staged));
+                    safefs::symlink_at(OsStr::new(target), &self.st_fd, &staged)
+                        .map_err(io_err("creating", &st.join(&staged)))?;
+                    if let Some((uid, gid)) = owner {
+                        safefs::chown_link_at(&self.st_fd, &staged, uid, gid)
+                            .map_err(io_err("setting the owner of", &st.join(&staged)))?;
+                    }
+                    let parent = self.final_parent(i)?;
+                    safefs::rename_at(&self.st_fd, &staged, &parent, name)
+                        .map_err(io_err("renaming into", fin))?;
                 }
             }
         }
         // Directory modes last, deepest first, so a read-only directory does not block
-        // its own children.
-        for (d, mode) in dirs.iter().rev() {
-            fs::set_permissions(d, fs::Permissions::from_mode(*mode))
+        // its own children; set on the open directories.
+        for (fd, d, mode) in dirs.iter().rev() {
+            safefs::apply_mode_owner(fd, *mode & 0o7777, owner)
                 .map_err(io_err("setting mode of", d))?;
         }
-        fs::remove_dir_all(st).map_err(io_err("removing", st))?;
+        safefs::remove_flat_dir_at(&self.base_fd, &self.st_name, &self.st_fd)
+            .map_err(io_err("removing", st))?;
         Ok(out)
     }
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, data).map_err(io_err("writing", &tmp))?;
-    fs::rename(&tmp, path).map_err(io_err("renaming", path))
+/// Writes `name` in the private directory `dir` atomically (temporary, then rename).
+fn write_atomic_at(dir: &OwnedFd, shown: &Path, name: &str, data: &[u8]) -> Result<(), StoreError> {
+    use std::io::Write;
+    let tmp = format!("{name}.tmp");
+    let path = shown.join(&tmp);
+    let mut f = safefs::open_file_at(dir, &tmp, false, 0o600).map_err(io_err("writing", &path))?;
+    f.set_len(0).map_err(io_err("writing", &path))?;
+    f.write_all(data).map_err(io_err("writing", &path))?;
+    safefs::rename_at(dir, &tmp, dir, OsStr::new(name)).map_err(io_err("renaming", &path))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::manifest::BuildOptions;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn stagings(dir: &Path) -> Vec<PathBuf> {
+        fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|d| d.path())
+            .filter(|p| p.to_string_lossy().ends_with(".partial"))
+            .collect()
+    }
 
     fn setup(len: usize) -> (tempfile::TempDir, PathBuf, Arc<Manifest>) {
         let d = tempfile::tempdir().unwrap();
@@ -784,7 +935,69 @@ mod tests {
             fs::metadata(&files[0].0).unwrap().permissions().mode() & 0o777,
             0o640
         );
-        assert!(!dest.staging.exists());
+        assert!(stagings(&out).is_empty());
+    }
+
+    #[test]
+    fn planted_staging_areas_and_links_are_never_followed() {
+        let (d, src, m) = setup(300_000);
+        let seed = SeedStore::new(m.clone(), std::slice::from_ref(&src));
+        let out = d.path().join("out");
+        fs::create_dir(&out).unwrap();
+        let victim = d.path().join("victim");
+        fs::write(&victim, b"keep me").unwrap();
+        let dest = Destination::resolve(&m, &out.join("app.bin")).unwrap();
+        // Whatever name a user could guess, as a link to the victim and as a directory
+        // with a link inside.
+        let guess = out.join(format!("{}0000000000000000.partial", dest.prefix));
+        std::os::unix::fs::symlink(&victim, &guess).unwrap();
+        let planted = out.join(format!("{}1111111111111111.partial", dest.prefix));
+        fs::create_dir(&planted).unwrap();
+        fs::set_permissions(&planted, fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink(&victim, planted.join("f0")).unwrap();
+        std::os::unix::fs::symlink(&victim, out.join("app.bin")).unwrap();
+        let st = PartialStore::open_with(
+            m.clone(),
+            dest,
+            Finish {
+                mode: Some(0o600),
+                owner: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            fs::metadata(st.staging()).unwrap().permissions().mode() & 0o7777,
+            0o700
+        );
+        assert_ne!(st.staging(), guess);
+        assert_ne!(st.staging(), planted);
+        for i in 0..st.piece_count() {
+            st.write(i, 0, &seed.read_piece(i).unwrap()).unwrap();
+            st.mark_verified(i).unwrap();
+        }
+        st.finalize().unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"keep me");
+        let landed = out.join("app.bin");
+        assert!(fs::symlink_metadata(&landed).unwrap().is_file());
+        assert_eq!(fs::read(&landed).unwrap(), fs::read(&src).unwrap());
+        assert_eq!(
+            fs::metadata(&landed).unwrap().permissions().mode() & 0o7777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn a_symlinked_destination_parent_is_refused() {
+        let (d, _src, m) = setup(1000);
+        fs::create_dir(d.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("real"), d.path().join("link")).unwrap();
+        let dest = Destination::resolve(&m, &d.path().join("link/x")).unwrap();
+        let e = PartialStore::open(m.clone(), dest).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert!(fs::read_dir(d.path().join("real"))
+            .unwrap()
+            .next()
+            .is_none());
     }
 
     #[test]
