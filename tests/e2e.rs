@@ -13,6 +13,7 @@ use octopus_transfer::ticket::Ticket;
 mod control;
 mod fleet;
 mod multi;
+mod sec_caps;
 mod sec_fs;
 mod sec_tls;
 mod sec_auth;

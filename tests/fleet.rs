@@ -175,23 +175,30 @@ impl Fleet {
 }
 
 pub(crate) fn start_center(dir: &Path, listen: &str, name: &str) -> (Octo, String, String, String) {
+    start_center_with(dir, listen, name, &[])
+}
+
+/// [`start_center`] with more `octo center` flags (`extra`).
+pub(crate) fn start_center_with(
+    dir: &Path,
+    listen: &str,
+    name: &str,
+    extra: &[&str],
+) -> (Octo, String, String, String) {
     let data = dir.join("center-data");
-    let mut c = Octo::spawn(
-        &bin(),
-        name,
-        dir,
-        &[
-            "center",
-            "--listen",
-            listen,
-            "--data-dir",
-            &data.display().to_string(),
-            "--heartbeat",
-            "500ms",
-            "--json",
-        ],
-        &[],
-    );
+    let data_arg = data.display().to_string();
+    let mut args = vec![
+        "center",
+        "--listen",
+        listen,
+        "--data-dir",
+        &data_arg,
+        "--heartbeat",
+        "500ms",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let mut c = Octo::spawn(&bin(), name, dir, &args, &[]);
     let ready = c.wait_event("ready", T);
     let api = ready["api"].as_str().unwrap().to_string();
     assert!(

@@ -74,17 +74,51 @@ impl ApiError {
             message: e.to_string(),
         }
     }
+    /// A request (or a part of it: a command, a target, an upload) over its cap.
+    pub fn too_large(m: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: m.into(),
+        }
+    }
+    /// The disk is full (or below the reserve kept for the store): nothing was written.
+    pub fn insufficient_storage(m: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::INSUFFICIENT_STORAGE,
+            message: m.into(),
+        }
+    }
 }
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> ApiError {
-        ApiError::bad_request(format!("malformed JSON body: {}", r.body_text()))
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(format!("the JSON body is too large: {}", r.body_text()))
+        } else {
+            ApiError::bad_request(format!("malformed JSON body: {}", r.body_text()))
+        }
     }
 }
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> ApiError {
-        ApiError::internal(e)
+        if e.is_disk_full() {
+            ApiError::insufficient_storage(e.to_string())
+        } else {
+            ApiError::internal(e)
+        }
+    }
+}
+
+impl From<crate::content::UploadError> for ApiError {
+    fn from(e: crate::content::UploadError) -> ApiError {
+        use crate::content::UploadError;
+        match &e {
+            UploadError::TooLarge { .. } => ApiError::too_large(e.to_string()),
+            _ if e.is_no_space() => ApiError::insufficient_storage(e.to_string()),
+            UploadError::Receive(_) => ApiError::bad_request(e.to_string()),
+            _ => ApiError::internal(e),
+        }
     }
 }
 
@@ -123,6 +157,10 @@ impl FromRequestParts<Shared> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Caller, ApiError> {
+        // Already authenticated by the audit layer: a one-time token is spent once.
+        if let Some(c) = parts.extensions.get::<Caller>() {
+            return Ok(c.clone());
+        }
         let addr = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
@@ -186,14 +224,7 @@ async fn audit(State(inner): State<Shared>, req: Request, next: Next) -> Respons
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.to_string())
         .unwrap_or_default();
-    let token = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .and_then(|t| auth::parse_token(t.trim()).ok())
-        .map(|(id, _)| id)
-        .unwrap_or_else(|| "-".into());
+    let mutating = method != Method::GET && method != Method::HEAD;
     // Content downloads are audited too, signed URLs included: the content may be a
     // secret.
     let download = path.starts_with("/api/v1/files/");
@@ -202,15 +233,41 @@ async fn audit(State(inner): State<Shared>, req: Request, next: Next) -> Respons
     } else {
         String::new()
     };
+    // Only a token that checks out names the caller: anyone can send any token id. The
+    // caller found here is handed on to the handler (see `Caller`'s extractor), so a
+    // one-time token is spent once, not twice.
+    let (req, token) = if mutating || download {
+        let (mut parts, body) = req.into_parts();
+        let caller = Caller::from_request_parts(&mut parts, &inner).await;
+        let token = caller.as_ref().ok().map(|c| c.token_id.clone());
+        if let Ok(c) = caller {
+            parts.extensions.insert(c);
+        }
+        (Request::from_parts(parts, body), token)
+    } else {
+        (req, None)
+    };
     let resp = next.run(req).await;
-    if (method != Method::GET && method != Method::HEAD) || download {
+    if mutating || download {
+        let now = proto::now_ms();
+        // Whoever presents no valid token to a mutating call is stored one by one only
+        // a few times a minute, and counted past that: a flood must not fill the disk.
+        if mutating && token.is_none() {
+            match inner.audit_gate.admit(now, &addr) {
+                crate::caps::Admit::Count => return resp,
+                crate::caps::Admit::Store(Some(summary)) => {
+                    center::append_gate_summary(&inner, summary)
+                }
+                crate::caps::Admit::Store(None) => {}
+            }
+        }
         let entry = crate::store::AuditEntry {
             seq: 0,
-            at: proto::now_ms(),
-            token,
+            at: now,
+            token: token.unwrap_or_else(|| "-".into()),
             addr,
-            method: method.to_string(),
-            path,
+            method: crate::caps::cut(method.as_str(), 16),
+            path: crate::caps::cut(&path, crate::caps::AUDIT_PATH_MAX),
             status: resp.status().as_u16(),
             detail,
         };
@@ -364,6 +421,7 @@ async fn list_agents(
     let hosts = inner.store.list_hosts()?;
     let selected: Option<std::collections::HashSet<String>> = match &q.target {
         Some(t) => {
+            check_target(t)?;
             let t = crate::target::Target::parse(t)
                 .map_err(|e| ApiError::bad_request(e.to_string()))?;
             let s: std::collections::HashSet<String> = t
@@ -373,7 +431,10 @@ async fn list_agents(
             if s.is_empty() {
                 return Err(ApiError::not_found(format!(
                     "target {:?} matches no host",
-                    q.target.as_deref().unwrap_or_default()
+                    crate::caps::cut(
+                        q.target.as_deref().unwrap_or_default(),
+                        crate::caps::ECHO_MAX
+                    )
                 )));
             }
             Some(s)
@@ -530,6 +591,7 @@ async fn create_task(
         Some("seed") => "seed",
         _ => "exec",
     };
+    check_target(&t.target)?;
     crate::limits::check_task(
         caller.scope,
         &caller.limits,
@@ -617,7 +679,10 @@ async fn create_task(
             center::TaskRequest {
                 target: t.target,
                 body: TaskBody::Fetch(Box::new(spec)),
-                summary: format!("cp ({} bytes) -> {dest}", t.size),
+                summary: crate::caps::cut(
+                    &format!("cp ({} bytes) -> {dest}", t.size),
+                    crate::caps::SUMMARY_MAX,
+                ),
                 ttl,
                 batch,
                 max_failures: t.max_failures,
@@ -660,7 +725,10 @@ async fn create_task(
             center::TaskRequest {
                 target: t.target,
                 body: TaskBody::Seed(spec),
-                summary: format!("seed {}", t.paths.join(" ")),
+                summary: crate::caps::cut(
+                    &format!("seed {}", t.paths.join(" ")),
+                    crate::caps::SUMMARY_MAX,
+                ),
                 ttl,
                 batch,
                 max_failures: t.max_failures,
@@ -685,16 +753,27 @@ async fn create_task(
         return Err(ApiError::bad_request("give a command or a script"));
     }
     if t.script.as_ref().is_some_and(|s| s.len() > MAX_SCRIPT) {
-        return Err(ApiError::bad_request(format!(
+        return Err(ApiError::too_large(format!(
             "a script may hold at most {MAX_SCRIPT} bytes"
         )));
     }
+    let command_len = t.command.len() + t.args.iter().map(|a| a.len() + 1).sum::<usize>();
+    if command_len > crate::caps::MAX_COMMAND {
+        return Err(ApiError::too_large(format!(
+            "the command and its arguments hold {command_len} bytes; at most {} are allowed (send a longer program as a script, up to {MAX_SCRIPT} bytes)",
+            crate::caps::MAX_COMMAND
+        )));
+    }
+    // The summary is what listings show: a line, not the whole command.
     let summary = match &t.script {
         Some(_) => format!("{} script", t.kind.as_deref().unwrap_or("shell")),
-        None => std::iter::once(t.command.clone())
-            .chain(t.args.iter().cloned())
-            .collect::<Vec<_>>()
-            .join(" "),
+        None => crate::caps::cut(
+            &std::iter::once(t.command.clone())
+                .chain(t.args.iter().cloned())
+                .collect::<Vec<_>>()
+                .join(" "),
+            crate::caps::SUMMARY_MAX,
+        ),
     };
     let spec = ExecSpec {
         kind,
@@ -772,7 +851,14 @@ fn task_json(inner: &Inner, rec: TaskRecord, with_output: bool) -> Result<Value,
     let results = inner.store.results(id)?;
     let running = inner.running.lock().unwrap().clone();
     let mut counts = std::collections::BTreeMap::<&str, u32>::new();
-    let fetch_size = match center::task_body(inner, id).as_deref() {
+    // A listing reads no bodies (a page of finished tasks with 1 MiB scripts would read
+    // and decode 200 MiB): only running ones, which are cached, say if they are copies.
+    let body = if with_output {
+        center::task_body(inner, id)
+    } else {
+        center::cached_task_body(inner, id)
+    };
+    let fetch_size = match body.as_deref() {
         Some((TaskBody::Fetch(f), _)) => Some(f.size),
         _ => None,
     };
@@ -876,21 +962,44 @@ async fn show_task(
 #[derive(Debug, Deserialize)]
 struct ListQuery {
     limit: Option<usize>,
+    /// Paging: tasks listed after this id (listings are newest first, so older ones).
+    after: Option<u64>,
 }
 
+/// Tasks listed per page by default, and at most.
+const TASK_PAGE: usize = 50;
+const TASK_PAGE_MAX: usize = 200;
+
+/// `GET /tasks?limit=N&after=ID`: a page of tasks, newest first, without output; the
+/// next page is `after=` the last id of this one.
 async fn list_tasks(
     caller: Caller,
     State(inner): State<Shared>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<Value>>, ApiError> {
     caller.require(Scope::Read)?;
-    let tasks = inner.store.list_tasks(q.limit.unwrap_or(50).min(1000))?;
+    let limit = q.limit.unwrap_or(TASK_PAGE).min(TASK_PAGE_MAX);
+    let tasks = inner.store.list_tasks(q.after, limit)?;
     let mut out = Vec::new();
-    for t in tasks {
+    for mut t in tasks {
+        // A summary: the target as typed may be long.
+        t.target = crate::caps::cut(&t.target, crate::caps::SUMMARY_MAX);
         // The records are in hand: only their results are read.
         out.push(task_json(&inner, t, false)?);
     }
     Ok(Json(out))
+}
+
+/// A target expression within [`crate::caps::MAX_TARGET`].
+fn check_target(t: &str) -> Result<(), ApiError> {
+    if t.len() > crate::caps::MAX_TARGET {
+        return Err(ApiError::too_large(format!(
+            "the target holds {} bytes; at most {} are allowed",
+            t.len(),
+            crate::caps::MAX_TARGET
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]
@@ -976,12 +1085,18 @@ async fn upload_file(
     body: axum::body::Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller.require(Scope::Operator)?;
+    if inner.disk_reserve > 0 {
+        if let Ok(free) = crate::caps::free_bytes(&inner.data_dir) {
+            if free < inner.disk_reserve {
+                return Err(ApiError::insufficient_storage(format!(
+                    "the disk is full: {free} bytes free, below the reserve of {} bytes",
+                    inner.disk_reserve
+                )));
+            }
+        }
+    }
     let max = inner.content.cache.quota();
-    let (md5, size) = inner
-        .content
-        .upload(body.into_data_stream(), max)
-        .await
-        .map_err(ApiError::bad_request)?;
+    let (md5, size) = inner.content.upload(body.into_data_stream(), max).await?;
     Ok((StatusCode::CREATED, Json(json!({"md5": md5, "size": size}))))
 }
 
@@ -1054,7 +1169,7 @@ async fn task_events(
         // wakes up once per batch of events.
         let pending = inner.store.open_hosts(id)?;
         let finished = rec.state != TaskState::Running || pending == 0;
-        let (mut events, next) = center::events_since(&inner, id, q.after);
+        let (mut events, next, truncated) = center::events_since(&inner, id, q.after);
         if !may_see_output(&caller, &rec) {
             for e in &mut events {
                 if e.kind == "stdout" || e.kind == "stderr" {
@@ -1063,11 +1178,14 @@ async fn task_events(
             }
         }
         if !events.is_empty() || finished || tokio::time::Instant::now() >= deadline {
+            // `truncated`: events this follower had not read were dropped to keep the
+            // center's memory bounded; the stored result has the output (up to its cap).
             return Ok(Json(json!({
                 "events": events,
                 "next": next,
                 "finished": finished,
                 "pending": pending,
+                "truncated": truncated,
             })));
         }
         let _ = tokio::time::timeout_at(deadline, notified).await;

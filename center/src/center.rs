@@ -63,6 +63,12 @@ pub struct CenterConfig {
     pub api_sans: Vec<String>,
     /// Timeouts and the connection cap of the API's HTTP server.
     pub http_limits: octopus_agent::serve::Limits,
+    /// Audit entries kept (the oldest beyond are deleted), e.g.
+    /// [`crate::caps::DEFAULT_AUDIT_KEEP`].
+    pub audit_keep: u64,
+    /// Free bytes kept on the data directory's filesystem: below, writes answer 507
+    /// (e.g. [`crate::caps::DEFAULT_DISK_RESERVE`]).
+    pub disk_reserve: u64,
 }
 
 /// Default quota of the center's content cache: 20 GiB.
@@ -109,11 +115,27 @@ struct EventLog {
     next: u64,
     events: std::collections::VecDeque<TaskEvent>,
     bytes: usize,
+    /// When the center saw the task finish (unix ms).
+    finished_at: Option<u64>,
 }
 
 /// Cap on the output kept in memory per task for followers (the stored result has
-/// its own cap per host and stream).
-const EVENT_LOG_BYTES: usize = 8 << 20;
+/// its own cap per host and stream): past it the oldest events go, and a follower
+/// that had not read them is told its view is truncated.
+const EVENT_LOG_BYTES: usize = 4 << 20;
+/// Cap on the live output of all tasks together: past it the oldest events of the
+/// largest logs go first.
+const EVENT_TOTAL_BYTES: usize = 64 << 20;
+/// How long the events of a finished task stay for followers (who then read the
+/// stored results).
+const EVENT_KEEP_MS: u64 = 60_000;
+
+/// The event logs of all tasks, with their total size.
+#[derive(Debug, Default)]
+struct EventLogs {
+    logs: HashMap<u64, EventLog>,
+    bytes: usize,
+}
 
 pub(crate) struct Session {
     id: u64,
@@ -130,7 +152,7 @@ pub(crate) struct Inner {
     pub(crate) sessions: Mutex<HashMap<String, Session>>,
     /// Enrollments refused because the name is taken, for `octo agents approve`.
     pub(crate) enroll_requests: Mutex<BTreeMap<String, crate::hosts::PendingEnroll>>,
-    events: Mutex<HashMap<u64, EventLog>>,
+    events: Mutex<EventLogs>,
     pub events_changed: Notify,
     next_session: std::sync::atomic::AtomicU64,
     pub quic_addr: SocketAddr,
@@ -151,6 +173,13 @@ pub(crate) struct Inner {
     pub content: crate::content::Content,
     /// The shared registry (ZooKeeper) when several centers serve the fleet.
     pub registry: Option<crate::zk::Registry>,
+    /// Audit entries kept.
+    pub audit_keep: u64,
+    /// The rate cap on audit entries of unauthenticated calls.
+    pub audit_gate: crate::caps::AuditGate,
+    /// Free bytes kept on the data directory's filesystem (uploads check it too).
+    pub disk_reserve: u64,
+    pub data_dir: PathBuf,
     /// This center's id in the registry: its agents' address.
     pub center_id: String,
     /// Hosts with a session at any center, per the registry (kept by a watch), and
@@ -276,7 +305,7 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         }
         None => {
             let path = cfg.data_dir.join("center.redb");
-            let store = RedbStore::open(&path)?;
+            let store = RedbStore::open_with_reserve(&path, cfg.disk_reserve)?;
             // redb creates it with the process umask; the CA's key is inside.
             octopus_transfer::safefs::make_private_file(&path).map_err(|source| {
                 CenterError::DataDir {
@@ -413,6 +442,10 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
     let inner = Arc::new(Inner {
         online_anywhere: Mutex::new(HashMap::new()),
         registry,
+        audit_keep: cfg.audit_keep,
+        audit_gate: crate::caps::AuditGate::default(),
+        disk_reserve: cfg.disk_reserve,
+        data_dir: cfg.data_dir.clone(),
         center_id,
         content,
         live: Mutex::new(HashMap::new()),
@@ -425,7 +458,7 @@ pub async fn spawn(cfg: CenterConfig) -> Result<CenterHandle, CenterError> {
         heartbeat: cfg.heartbeat,
         sessions: Mutex::new(HashMap::new()),
         enroll_requests: Mutex::new(BTreeMap::new()),
-        events: Mutex::new(HashMap::new()),
+        events: Mutex::new(EventLogs::default()),
         events_changed: Notify::new(),
         next_session: std::sync::atomic::AtomicU64::new(1),
         quic_addr,
@@ -965,6 +998,11 @@ fn pump_queue(
     }
 }
 
+/// A running task's body and expiry, if it is cached (no store read).
+pub(crate) fn cached_task_body(inner: &Inner, task: u64) -> Option<Arc<(TaskBody, u64)>> {
+    inner.bodies.lock().unwrap().get(&task).cloned()
+}
+
 /// A task's body and expiry, from the cache or the store.
 pub(crate) fn task_body(inner: &Inner, task: u64) -> Option<Arc<(TaskBody, u64)>> {
     if let Some(b) = inner.bodies.lock().unwrap().get(&task) {
@@ -979,11 +1017,14 @@ pub(crate) fn task_body(inner: &Inner, task: u64) -> Option<Arc<(TaskBody, u64)>
         }
     };
     let entry = Arc::new((body, rec.created_at.saturating_add(rec.ttl_ms)));
-    let mut cache = inner.bodies.lock().unwrap();
-    if cache.len() > 10_000 {
-        cache.clear();
+    // Only running tasks are pumped; a listing of finished ones must not fill it.
+    if rec.state == TaskState::Running {
+        let mut cache = inner.bodies.lock().unwrap();
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(task, entry.clone());
     }
-    cache.insert(task, entry.clone());
     Some(entry)
 }
 
@@ -1195,6 +1236,9 @@ pub(crate) fn after_host_final(inner: &Inner, task: u64) {
     };
     if rec.state != TaskState::Running {
         inner.bodies.lock().unwrap().remove(&task);
+        if let Some(log) = inner.events.lock().unwrap().logs.get_mut(&task) {
+            log.finished_at.get_or_insert(proto::now_ms());
+        }
         inner.events_changed.notify_waiters();
         return;
     }
@@ -1290,10 +1334,15 @@ pub(crate) fn center_of(inner: &Inner, host: &str) -> Option<String> {
     inner.online_anywhere.lock().unwrap().get(host).cloned()
 }
 
+fn event_size(e: &TaskEvent) -> usize {
+    e.data.len() + e.host.len() + 32
+}
+
 pub(crate) fn push_event(inner: &Inner, task: u64, host: &str, kind: &str, data: &str) {
     {
         let mut all = inner.events.lock().unwrap();
-        let log = all.entry(task).or_default();
+        let EventLogs { logs, bytes } = &mut *all;
+        let log = logs.entry(task).or_default();
         let ev = TaskEvent {
             seq: log.next,
             host: host.to_string(),
@@ -1301,31 +1350,68 @@ pub(crate) fn push_event(inner: &Inner, task: u64, host: &str, kind: &str, data:
             data: data.to_string(),
         };
         log.next += 1;
-        log.bytes += ev.data.len() + ev.host.len() + 32;
+        log.bytes += event_size(&ev);
+        *bytes += event_size(&ev);
         log.events.push_back(ev);
         while log.bytes > EVENT_LOG_BYTES {
             match log.events.pop_front() {
-                Some(old) => log.bytes -= old.data.len() + old.host.len() + 32,
+                Some(old) => {
+                    log.bytes -= event_size(&old);
+                    *bytes -= event_size(&old);
+                }
                 None => break,
             }
+        }
+        if *bytes > EVENT_TOTAL_BYTES {
+            trim_events(&mut all);
         }
     }
     inner.events_changed.notify_waiters();
 }
 
-/// Events of `task` with `seq >= after`, and the next seq to ask for.
-pub(crate) fn events_since(inner: &Inner, task: u64, after: u64) -> (Vec<TaskEvent>, u64) {
+/// Brings all logs together under 7/8 of [`EVENT_TOTAL_BYTES`], taking the oldest
+/// events of the largest log first.
+fn trim_events(all: &mut EventLogs) {
+    let target = EVENT_TOTAL_BYTES / 8 * 7;
+    while all.bytes > target {
+        let Some(log) = all.logs.values_mut().max_by_key(|l| l.bytes) else {
+            return;
+        };
+        if log.events.is_empty() {
+            return;
+        }
+        let goal = log.bytes / 2;
+        while log.bytes > goal && all.bytes > target {
+            match log.events.pop_front() {
+                Some(old) => {
+                    log.bytes -= event_size(&old);
+                    all.bytes -= event_size(&old);
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// Events of `task` with `seq >= after`, the next seq to ask for, and whether events
+/// the caller had not read yet were dropped (the live view is truncated; the stored
+/// result has the output up to its own cap).
+pub(crate) fn events_since(inner: &Inner, task: u64, after: u64) -> (Vec<TaskEvent>, u64, bool) {
     let all = inner.events.lock().unwrap();
-    match all.get(&task) {
-        Some(log) => (
-            log.events
-                .iter()
-                .filter(|e| e.seq >= after)
-                .cloned()
-                .collect(),
-            log.next,
-        ),
-        None => (Vec::new(), after),
+    match all.logs.get(&task) {
+        Some(log) => {
+            let first = log.events.front().map_or(log.next, |e| e.seq);
+            (
+                log.events
+                    .iter()
+                    .filter(|e| e.seq >= after)
+                    .cloned()
+                    .collect(),
+                log.next,
+                after < first,
+            )
+        }
+        None => (Vec::new(), after, false),
     }
 }
 
@@ -1377,6 +1463,7 @@ async fn committer(
                 .unwrap()
                 .remove(&(f.task, f.host.clone()));
             if stored {
+                inner.metrics.results_stored.fetch_add(1, Ordering::Relaxed);
                 push_event(
                     &inner,
                     f.task,
@@ -1404,7 +1491,13 @@ async fn sweeper(inner: Arc<Inner>, cancel: CancellationToken) {
             _ = tick.tick() => {}
         }
         let now = proto::now_ms();
-        let Ok(tasks) = inner.store.list_tasks(1000) else {
+        if seed_tick.is_multiple_of(10) {
+            prune_audit(&inner).await;
+        }
+        if let Some(s) = inner.audit_gate.flush(now) {
+            append_gate_summary(&inner, s);
+        }
+        let Ok(tasks) = inner.store.list_tasks(None, 1000) else {
             continue;
         };
         for t in tasks.iter().filter(|t| t.state == TaskState::Running) {
@@ -1430,11 +1523,22 @@ async fn sweeper(inner: Arc<Inner>, cancel: CancellationToken) {
             .filter(|t| t.state != TaskState::Running && now > t.created_at + 3_600_000)
             .map(|t| t.id)
             .collect();
-        inner
-            .events
-            .lock()
-            .unwrap()
-            .retain(|id, _| !done.contains(id));
+        {
+            // Followers of a finished task have a minute to catch up, then read the
+            // stored results.
+            let mut all = inner.events.lock().unwrap();
+            let EventLogs { logs, bytes } = &mut *all;
+            logs.retain(|id, log| {
+                let keep = !done.contains(id)
+                    && log
+                        .finished_at
+                        .is_none_or(|f| now < f.saturating_add(EVENT_KEEP_MS));
+                if !keep {
+                    *bytes -= log.bytes;
+                }
+                keep
+            });
+        }
         inner.content.forget_progress(&done);
         seed_tick += 1;
         if seed_tick.is_multiple_of(10) {
@@ -1444,6 +1548,35 @@ async fn sweeper(inner: Arc<Inner>, cancel: CancellationToken) {
                 .sweep_seeds(|t| task_open(st.as_ref(), t))
                 .await;
         }
+    }
+}
+
+/// Audit retention: the newest `audit_keep` entries stay.
+async fn prune_audit(inner: &Arc<Inner>) {
+    let (store, keep) = (inner.store.clone(), inner.audit_keep);
+    match tokio::task::spawn_blocking(move || store.prune_audit(keep)).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => debug!(n, keep, "pruned the audit log"),
+        Ok(Err(e)) => warn!("pruning the audit log: {e}"),
+        Err(e) => warn!("pruning the audit log: {e}"),
+    }
+}
+
+/// One audit entry standing for the unauthenticated calls of a minute that were only
+/// counted (see [`crate::caps::AuditGate`]).
+pub(crate) fn append_gate_summary(inner: &Inner, detail: String) {
+    let entry = crate::store::AuditEntry {
+        seq: 0,
+        at: proto::now_ms(),
+        token: "-".into(),
+        addr: String::new(),
+        method: "-".into(),
+        path: "(unauthenticated calls, counted)".into(),
+        status: 401,
+        detail,
+    };
+    if let Err(e) = inner.store.append_audit(entry) {
+        warn!("writing the audit log: {e}");
     }
 }
 
@@ -1478,11 +1611,12 @@ pub(crate) fn create_task(
     let body = &body;
     let t =
         crate::target::Target::parse(target).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let hosts = inner.store.list_hosts().map_err(ApiError::internal)?;
+    let hosts = inner.store.list_hosts()?;
     let selected = t.select(hosts.iter().map(|h| (h.name.as_str(), &h.tags)));
     if selected.is_empty() {
         return Err(ApiError::not_found(format!(
-            "target {target:?} matches no host"
+            "target {:?} matches no host",
+            crate::caps::cut(target, crate::caps::ECHO_MAX)
         )));
     }
     let batch_n = match batch {
@@ -1501,10 +1635,8 @@ pub(crate) fn create_task(
         batch: batch_n,
         max_failures,
     };
-    let id = inner
-        .store
-        .create_task(rec, now)
-        .map_err(ApiError::internal)?;
+    let id = inner.store.create_task(rec, now)?;
+    inner.metrics.tasks_created.fetch_add(1, Ordering::Relaxed);
     let rec = inner
         .store
         .get_task(id)
@@ -1578,6 +1710,9 @@ pub(crate) fn cancel_task(inner: &Inner, id: u64) -> Result<Vec<String>, crate::
         for r in rs.iter().filter(|r| r.state == HostState::Cancelled) {
             push_event(inner, id, &r.host, "state", "cancelled");
         }
+    }
+    if let Some(log) = inner.events.lock().unwrap().logs.get_mut(&id) {
+        log.finished_at.get_or_insert(proto::now_ms());
     }
     inner.events_changed.notify_waiters();
     Ok(delivered)

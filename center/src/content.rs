@@ -148,10 +148,10 @@ impl Content {
         &self,
         mut body: axum::body::BodyDataStream,
         max: u64,
-    ) -> Result<(String, u64), String> {
+    ) -> Result<(String, u64), UploadError> {
         use futures_util::StreamExt;
         let staging = self.cache.staging_dir();
-        std::fs::create_dir_all(&staging).map_err(|e| format!("creating the staging area: {e}"))?;
+        std::fs::create_dir_all(&staging).map_err(UploadError::Staging)?;
         let tmp = staging.join(format!("upload-{:016x}", rand::random::<u64>()));
         let mut f = {
             use std::os::unix::fs::OpenOptionsExt;
@@ -160,22 +160,21 @@ impl Content {
                 .create_new(true)
                 .mode(0o600)
                 .open(&tmp)
-                .map_err(|e| format!("staging the upload: {e}"))?
+                .map_err(UploadError::Staging)?
         };
         let mut h = Md5::new();
         let mut n = 0u64;
-        let res: Result<(), String> = async {
+        let res: Result<(), UploadError> = async {
             while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| format!("reading the upload: {e}"))?;
+                let chunk = chunk.map_err(|e| UploadError::Receive(e.to_string()))?;
                 n += chunk.len() as u64;
                 if n > max {
-                    return Err(format!("the upload is larger than the {max} bytes allowed"));
+                    return Err(UploadError::TooLarge { max });
                 }
                 h.update(&chunk);
-                f.write_all(&chunk)
-                    .map_err(|e| format!("staging the upload: {e}"))?;
+                f.write_all(&chunk).map_err(UploadError::Write)?;
             }
-            f.sync_all().map_err(|e| format!("staging the upload: {e}"))
+            f.sync_all().map_err(UploadError::Write)
         }
         .await;
         if let Err(e) = res {
@@ -185,7 +184,7 @@ impl Content {
         let md5 = hex(h.finalize().as_slice());
         if let Err(e) = self.cache.insert(&md5, &tmp) {
             let _ = std::fs::remove_file(&tmp);
-            return Err(format!("storing the upload: {e}"));
+            return Err(UploadError::Store(e.to_string()));
         }
         Ok((md5, n))
     }
@@ -510,5 +509,30 @@ mod tests {
         let v = c.pool_view();
         assert_eq!(v["hot"][0]["md5"], md5);
         assert_eq!(v["hot"][0]["asks"], 15);
+    }
+}
+
+/// Why an upload into the center's content cache failed, by stage.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("creating the staging file of the upload: {0}")]
+    Staging(#[source] std::io::Error),
+    #[error("receiving the upload: {0}")]
+    Receive(String),
+    #[error("the upload is larger than the {max} bytes allowed")]
+    TooLarge { max: u64 },
+    #[error("writing the upload: {0}")]
+    Write(#[source] std::io::Error),
+    #[error("storing the upload in the cache: {0}")]
+    Store(String),
+}
+
+impl UploadError {
+    /// The disk (or quota) was full.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            UploadError::Staging(e) | UploadError::Write(e) => crate::caps::is_no_space(e),
+            _ => false,
+        }
     }
 }

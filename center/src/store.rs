@@ -38,7 +38,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::Path;
 use std::str::FromStr;
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
@@ -398,6 +397,55 @@ pub enum StoreError {
     /// A failure of the ZooKeeper backend ([`crate::zk::ZkStore`]).
     #[error("ZooKeeper: {0}")]
     Zk(#[source] Box<crate::zk::ZkError>),
+    /// Refused before writing: the data directory's filesystem is below its reserve.
+    #[error("the disk is full: {free} bytes free, below the reserve of {reserve} bytes kept for the store")]
+    DiskFull { free: u64, reserve: u64 },
+}
+
+impl StoreError {
+    /// The storage error inside a redb failure, at whatever stage it surfaced.
+    fn storage(&self) -> Option<&redb::StorageError> {
+        match self {
+            StoreError::Storage(e) => Some(e),
+            StoreError::Commit(e) => match &**e {
+                redb::CommitError::Storage(s) => Some(s),
+                _ => None,
+            },
+            StoreError::Transaction(e) => match &**e {
+                redb::TransactionError::Storage(s) => Some(s),
+                _ => None,
+            },
+            StoreError::Table(e) => match &**e {
+                redb::TableError::Storage(s) => Some(s),
+                _ => None,
+            },
+            StoreError::Open(e) => match &**e {
+                redb::DatabaseError::Storage(s) => Some(s),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// An I/O failure of the file (or an earlier one redb remembers): the open
+    /// database is unusable until it is reopened.
+    pub fn is_io(&self) -> bool {
+        matches!(
+            self.storage(),
+            Some(redb::StorageError::Io(_)) | Some(redb::StorageError::PreviousIo)
+        )
+    }
+
+    /// The disk (or quota) is full, whether the reserve refused the write or the
+    /// write itself failed for want of space.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::DiskFull { .. } => true,
+            _ => {
+                matches!(self.storage(), Some(redb::StorageError::Io(e)) if crate::caps::is_no_space(e))
+            }
+        }
+    }
 }
 
 impl From<crate::zk::ZkError> for StoreError {
@@ -501,8 +549,10 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces a task's body (a copy whose source moves to a center-held seed).
     /// Hosts that already have the old body keep it; later deliveries get the new one.
     fn set_task_body(&self, id: u64, body: Vec<u8>) -> Result<(), StoreError>;
-    /// At most `limit` tasks, newest first.
-    fn list_tasks(&self, limit: usize) -> Result<Vec<TaskRecord>, StoreError>;
+    /// At most `limit` tasks with ids below `before` (all when `None`), newest first,
+    /// **without their bodies** (`body` is empty): listings must not read megabytes per
+    /// task. [`Store::get_task`] reads a task whole.
+    fn list_tasks(&self, before: Option<u64>, limit: usize) -> Result<Vec<TaskRecord>, StoreError>;
     /// Every host's result for the task, ordered by host name.
     fn results(&self, task: u64) -> Result<Vec<HostResult>, StoreError>;
     /// One host's result of one task.
@@ -548,6 +598,8 @@ pub trait Store: Send + Sync + 'static {
     fn append_audit(&self, entry: AuditEntry) -> Result<u64, StoreError>;
     /// At most `limit` entries, newest first.
     fn list_audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Retention: deletes all but the newest `keep` entries; returns how many went.
+    fn prune_audit(&self, keep: u64) -> Result<u64, StoreError>;
 }
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -576,22 +628,58 @@ pub fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<
     postcard::from_bytes(bytes).map_err(|source| StoreError::Decode { table, source })
 }
 
-/// The [`Store`] on one redb file.
-pub struct RedbStore {
+pub use crate::redb_store::RedbStore;
+
+/// The [`Store`] on one open redb database; [`RedbStore`] wraps it to reopen it after
+/// an I/O error and to keep the disk reserve.
+pub(crate) struct RedbFile {
     db: Database,
 }
 
-impl fmt::Debug for RedbStore {
+impl fmt::Debug for RedbFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedbStore").finish_non_exhaustive()
+        f.debug_struct("RedbFile").finish_non_exhaustive()
     }
 }
 
-impl RedbStore {
-    /// Opens the store at `path`, creating the file (not its directory) and the
-    /// tables if missing.
-    pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        let db = Database::create(path)?;
+/// A task record up to its body, which is borrowed (not copied) and skipped.
+#[derive(Deserialize)]
+struct TaskHead<'a> {
+    id: u64,
+    created_at: u64,
+    created_by: String,
+    target: String,
+    hosts: Vec<String>,
+    #[serde(borrow)]
+    _body: &'a [u8],
+    summary: String,
+    ttl_ms: u64,
+    batch: u32,
+    max_failures: Option<u32>,
+    state: TaskState,
+}
+
+impl From<TaskHead<'_>> for TaskRecord {
+    fn from(h: TaskHead<'_>) -> TaskRecord {
+        TaskRecord {
+            id: h.id,
+            created_at: h.created_at,
+            created_by: h.created_by,
+            target: h.target,
+            hosts: h.hosts,
+            body: Vec::new(),
+            summary: h.summary,
+            ttl_ms: h.ttl_ms,
+            batch: h.batch,
+            max_failures: h.max_failures,
+            state: h.state,
+        }
+    }
+}
+
+impl RedbFile {
+    /// Opens the store in `db`, creating the tables if missing.
+    pub(crate) fn new(db: Database) -> Result<RedbFile, StoreError> {
         let tx = db.begin_write()?;
         {
             tx.open_table(META)?;
@@ -605,7 +693,7 @@ impl RedbStore {
             tx.open_table(AUDIT)?;
         }
         tx.commit()?;
-        Ok(RedbStore { db })
+        Ok(RedbFile { db })
     }
 
     /// Runs `f` in one write transaction and commits if it succeeds (dropping an
@@ -744,7 +832,7 @@ fn update_host(
     Ok(true)
 }
 
-impl Store for RedbStore {
+impl Store for RedbFile {
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(META)?;
@@ -957,13 +1045,18 @@ impl Store for RedbStore {
         t.get(id)?.map(|v| decode("tasks", v.value())).transpose()
     }
 
-    fn list_tasks(&self, limit: usize) -> Result<Vec<TaskRecord>, StoreError> {
+    fn list_tasks(&self, before: Option<u64>, limit: usize) -> Result<Vec<TaskRecord>, StoreError> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(TASKS)?;
         let mut out = Vec::new();
-        for item in t.iter()?.rev().take(limit) {
+        for item in t.range(..before.unwrap_or(u64::MAX))?.rev().take(limit) {
             let (_, v) = item?;
-            out.push(decode("tasks", v.value())?);
+            let head: TaskHead<'_> =
+                postcard::from_bytes(v.value()).map_err(|source| StoreError::Decode {
+                    table: "tasks",
+                    source,
+                })?;
+            out.push(head.into());
         }
         Ok(out)
     }
@@ -1169,6 +1262,24 @@ impl Store for RedbStore {
         }
         Ok(out)
     }
+
+    fn prune_audit(&self, keep: u64) -> Result<u64, StoreError> {
+        self.write(|tx| {
+            let mut t = tx.open_table(AUDIT)?;
+            let len = t.len()?;
+            if len <= keep {
+                return Ok(0);
+            }
+            let drop = len - keep;
+            // Sequence numbers only grow, so the oldest are the first keys.
+            let cut = match t.iter()?.nth(usize::try_from(drop).unwrap_or(usize::MAX)) {
+                Some(item) => item?.0.value(),
+                None => u64::MAX,
+            };
+            t.retain_in(..cut, |_, _| false)?;
+            Ok(drop)
+        })
+    }
 }
 
 #[cfg(test)]
@@ -1322,7 +1433,7 @@ pub(crate) mod conformance {
             "queue seqs increase across restarts: {q2:?}"
         );
         assert_eq!(
-            s.list_tasks(2)
+            s.list_tasks(None, 2)
                 .unwrap()
                 .iter()
                 .map(|t| t.id)
@@ -1356,7 +1467,7 @@ pub(crate) mod conformance {
         assert_eq!(s.get_host("x").unwrap().unwrap().version, "0.2.0");
         assert_eq!(s.list_hosts().unwrap().len(), 1);
 
-        assert!(s.list_tasks(10).unwrap().is_empty());
+        assert!(s.list_tasks(None, 10).unwrap().is_empty());
         let t = s.create_task(new_task(&["x", "y", "z"], 2), 10).unwrap();
         assert_eq!(s.open_hosts(t).unwrap(), 3);
         assert_eq!(s.open_hosts(t + 100).unwrap(), 0);
@@ -1401,16 +1512,41 @@ pub(crate) mod conformance {
         let t2 = s.create_task(new_task(&["x"], 0), 20).unwrap();
         let t3 = s.create_task(new_task(&["y"], 0), 21).unwrap();
         assert!(t < t2 && t2 < t3);
-        assert!(s.list_tasks(0).unwrap().is_empty());
-        let ids: Vec<_> = s.list_tasks(2).unwrap().iter().map(|t| t.id).collect();
+        assert!(s.list_tasks(None, 0).unwrap().is_empty());
+        let ids: Vec<_> = s
+            .list_tasks(None, 2)
+            .unwrap()
+            .iter()
+            .map(|t| t.id)
+            .collect();
         assert_eq!(ids, vec![t3, t2]);
-        assert_eq!(s.list_tasks(100).unwrap().len(), 3);
+        // Pages: ids below the last one seen, newest first; listings carry no body.
+        let ids: Vec<_> = s
+            .list_tasks(Some(t3), 5)
+            .unwrap()
+            .iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(ids, vec![t2, t]);
+        assert!(s.list_tasks(Some(t), 5).unwrap().is_empty());
+        let mut big = new_task(&["x"], 0);
+        big.body = vec![9; 100_000];
+        big.summary = "big".into();
+        let t4 = s.create_task(big, 22).unwrap();
+        let head = &s.list_tasks(None, 1).unwrap()[0];
+        assert_eq!(
+            (head.id, head.body.len(), head.summary.as_str()),
+            (t4, 0, "big")
+        );
+        assert_eq!(head.hosts, vec!["x".to_string()]);
+        assert_eq!(s.get_task(t4).unwrap().unwrap().body.len(), 100_000);
+        assert_eq!(s.list_tasks(None, 100).unwrap().len(), 4);
         let all = s.queue_all().unwrap();
         assert_eq!(
             all.iter()
                 .map(|(h, _, t)| (h.as_str(), *t))
                 .collect::<Vec<_>>(),
-            vec![("x", t2), ("y", t3)]
+            vec![("x", t2), ("x", t4), ("y", t3)]
         );
 
         for i in 1..=5u64 {
@@ -1429,6 +1565,25 @@ pub(crate) mod conformance {
         want.status = 205;
         assert_eq!(last[0], want);
         assert_eq!(s.list_audit(100).unwrap().len(), 5);
+
+        // Retention keeps the newest; new entries continue the sequence.
+        assert_eq!(s.prune_audit(10).unwrap(), 0);
+        assert_eq!(s.prune_audit(2).unwrap(), 3);
+        let seqs = |n| {
+            s.list_audit(n)
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(100), vec![5, 4]);
+        assert!(s.append_audit(audit("/p6")).unwrap() > 5);
+        assert!(s.append_audit(audit("/p7")).unwrap() > 6);
+        assert_eq!(seqs(3).len(), 3, "the newest three, across the pruned gap");
+        assert_eq!(s.prune_audit(1).unwrap(), 3);
+        let left = s.list_audit(100).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].path, "/p7");
     }
 
     pub(crate) fn queue_order_per_host_across_tasks(s: &dyn Store) {
@@ -1776,7 +1931,8 @@ mod tests {
     fn corrupt_values_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        let s = RedbStore::open(&path).unwrap();
+        // The file itself, to write raw values under the store.
+        let s = RedbFile::new(Database::create(&path).unwrap()).unwrap();
         s.put_host(&host("good")).unwrap();
         let t = s.create_task(new_task(&["h"], 0), 1).unwrap();
         {
@@ -1821,7 +1977,7 @@ mod tests {
             Err(TokenUseError::Store(StoreError::Decode { .. }))
         ));
         assert!(is_decode(&s.get_task(t).unwrap_err()));
-        assert!(is_decode(&s.list_tasks(5).unwrap_err()));
+        assert!(is_decode(&s.list_tasks(None, 5).unwrap_err()));
         assert!(is_decode(&s.queue_for("h").unwrap_err()));
         assert!(is_decode(&s.append_audit(audit("/x")).unwrap_err()));
         assert!(is_decode(&s.results(t).unwrap_err()));

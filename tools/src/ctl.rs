@@ -18,6 +18,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
+/// Tasks asked for per page by `task list` (the center's most per page).
+const TASK_PAGE: usize = 200;
+
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
     /// API address of the center, e.g. https://127.0.0.1:7070 (else OCTO_CENTER, else the config file).
@@ -685,7 +688,24 @@ pub fn task(conn: &Conn, cmd: TaskCmd) -> Result<bool> {
     let c = Client::new(conn)?;
     match cmd {
         TaskCmd::List { limit, json } => {
-            let v = c.get("listing tasks", &format!("/tasks?limit={limit}"))?;
+            // Pages of at most TASK_PAGE tasks, each after the last id of the one before.
+            let mut tasks: Vec<Value> = Vec::new();
+            while tasks.len() < limit {
+                let n = (limit - tasks.len()).min(TASK_PAGE);
+                let after = tasks
+                    .last()
+                    .and_then(|t| t["id"].as_u64())
+                    .map(|id| format!("&after={id}"))
+                    .unwrap_or_default();
+                let page = c.get("listing tasks", &format!("/tasks?limit={n}{after}"))?;
+                let page = page.as_array().cloned().unwrap_or_default();
+                let short = page.len() < n;
+                tasks.extend(page);
+                if short {
+                    break;
+                }
+            }
+            let v = Value::Array(tasks);
             if json {
                 println!("{}", serde_json::to_string(&v)?);
             } else {
@@ -901,11 +921,19 @@ fn default_dir(which: &str) -> PathBuf {
     base.join("octopus").join(which)
 }
 
+/// What the center may keep: content, audit entries, and the disk it leaves free.
+#[derive(Debug, Clone, Copy)]
+pub struct CenterLimits {
+    pub content_quota: u64,
+    pub audit_keep: u64,
+    pub disk_reserve: u64,
+}
+
 pub async fn center(
     listen: SocketAddr,
     data_dir: Option<PathBuf>,
     heartbeat: Duration,
-    content_quota: u64,
+    limits: CenterLimits,
     registry: Option<String>,
     tls: CenterTls,
     json_out: bool,
@@ -918,7 +946,7 @@ pub async fn center(
         listen,
         data_dir: data_dir.clone(),
         heartbeat,
-        content_quota,
+        content_quota: limits.content_quota,
         registry,
         insecure_http: tls.insecure_http,
         api_sans: tls.api_san,
@@ -927,6 +955,8 @@ pub async fn center(
             header_timeout: tls.header_timeout,
             ..Default::default()
         },
+        audit_keep: limits.audit_keep,
+        disk_reserve: limits.disk_reserve,
     })
     .await
     .context("starting the center")?;

@@ -83,6 +83,8 @@ async fn run_in(dir: &Path, size: u64, n: usize, json_out: bool) -> Result<()> {
         insecure_http: false,
         api_sans: Vec::new(),
         http_limits: Default::default(),
+        audit_keep: octopus_center::caps::DEFAULT_AUDIT_KEEP,
+        disk_reserve: octopus_center::caps::DEFAULT_DISK_RESERVE,
     })
     .await
     .context("starting the center")?;

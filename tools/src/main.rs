@@ -114,6 +114,13 @@ enum Cmd {
         registry: Option<String>,
         #[command(flatten)]
         tls: ctl::CenterTls,
+        /// Audit entries kept; older ones are deleted.
+        #[arg(long, default_value_t = octopus_center::caps::DEFAULT_AUDIT_KEEP)]
+        audit_keep: u64,
+        /// Free space kept on the data directory's filesystem: below it, writes answer
+        /// 507 (reads keep working). 0 turns the check off.
+        #[arg(long, default_value = "64MiB", value_parser = parse_size_or_zero)]
+        disk_reserve: u64,
         #[arg(long)]
         json: bool,
     },
@@ -175,6 +182,14 @@ enum Cmd {
 
 fn parse_rate_arg(s: &str) -> Result<u64, String> {
     parse_rate(s).map_err(|e| e.to_string())
+}
+
+/// A size like `64MiB`, or `0` (off).
+fn parse_size_or_zero(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    parse_rate_arg(s)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -287,18 +302,16 @@ fn main() -> ExitCode {
                 content_quota,
                 registry,
                 tls,
+                audit_keep,
+                disk_reserve,
                 json,
             } => {
-                ctl::center(
-                    listen,
-                    data_dir,
-                    heartbeat,
+                let limits = ctl::CenterLimits {
                     content_quota,
-                    registry,
-                    tls,
-                    json,
-                )
-                .await
+                    audit_keep,
+                    disk_reserve,
+                };
+                ctl::center(listen, data_dir, heartbeat, limits, registry, tls, json).await
             }
             Cmd::Agent(opts) => ctl::agent(opts).await,
             // The API clients block on HTTP; nothing else runs on this runtime then.

@@ -129,9 +129,9 @@
 //! Multi-center caveat: `mark_all_offline` marks *every* host offline, including those
 //! connected to other centers; a center joining a running fleet should not call it.
 //!
-//! Audit entries must never be deleted by hand: `list_audit` finds the newest ones
-//! from the child version of `/store/audit` (the count of creates) without listing
-//! it, which a delete would skew. Nor may the store be called from a task running on
+//! Audit entries must never be deleted by hand, only by `prune_audit`: `list_audit`
+//! finds the newest ones from the child version of `/store/audit` without listing it,
+//! down to the floor retention records in `/store/meta/audit.floor`. Nor may the store be called from a task running on
 //! its own runtime (it would wait on itself); nothing does.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -163,6 +163,8 @@ const TASKS: &str = "/store/tasks";
 const STATE: &str = "/store/state";
 const RESULTS: &str = "/store/results";
 const AUDIT: &str = "/store/audit";
+/// Meta key: the lowest audit name that may still exist (raised by retention).
+const AUDIT_FLOOR: &str = "audit.floor";
 const DIRS: [&str; 9] = [
     ROOT, META, TOKENS, HOSTS, COUNTERS, TASKS, STATE, RESULTS, AUDIT,
 ];
@@ -1015,6 +1017,11 @@ impl Core {
 
     /// Reads a task whole: record, state and body.
     async fn get_task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError> {
+        self.read_task(id, true).await
+    }
+
+    /// Reads a task's record and state, and its body only `with_body` (else empty).
+    async fn read_task(&self, id: u64, with_body: bool) -> Result<Option<TaskRecord>, StoreError> {
         let paths = [task_path(id), state_path(id)];
         let mut nodes = self.read_many(&paths).await?.into_iter();
         let (Some(record), state) = (nodes.next().flatten(), nodes.next().flatten()) else {
@@ -1028,7 +1035,9 @@ impl Core {
         let state: StateNode = decode("state", &paths[1], &state, STATE_READ_MAX)?;
         let mut record = node.record;
         record.state = state.state;
-        if node.external_body {
+        if !with_body {
+            record.body = Vec::new();
+        } else if node.external_body {
             record.body = self
                 .queue
                 .get_body(id)
@@ -1041,15 +1050,20 @@ impl Core {
         Ok(Some(record))
     }
 
-    async fn list_tasks(&self, limit: usize) -> Result<Vec<TaskRecord>, StoreError> {
+    async fn list_tasks(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
         let (next, _) = self.read_counter(TASK_COUNTER).await?;
         let mut out = Vec::new();
-        let mut id = next;
+        let mut id = before.map_or(next, |b| b.min(next));
         while id > 1 && out.len() < limit {
             let low = id.saturating_sub(READ_WINDOW as u64).max(1);
             let window: Vec<u64> = (low..id).rev().collect();
             id = low;
-            let reads = futures_util::future::join_all(window.iter().map(|i| self.get_task(*i)));
+            let reads =
+                futures_util::future::join_all(window.iter().map(|i| self.read_task(*i, false)));
             for task in reads.await {
                 if let Some(t) = task? {
                     out.push(t);
@@ -1836,28 +1850,111 @@ impl Core {
     }
 
     async fn list_audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        // Entries are only ever created under AUDIT, so its child version is the
-        // number created: the names are e-0 .. e-(cversion-1), no listing needed.
-        let stat = self
+        // A sequential name is the parent's child version at its create, and only
+        // creates and retention's deletes change it: the names lie in floor ..
+        // cversion, with gaps where retention ran, found without listing.
+        let stat = self.audit_stat().await?;
+        let count = u64::try_from(stat.cversion).unwrap_or(0);
+        let floor = self.audit_floor().await?;
+        let mut out = Vec::with_capacity(limit.min(10_000));
+        let mut high = count;
+        while out.len() < limit && high > floor {
+            let low = high.saturating_sub(READ_WINDOW as u64).max(floor);
+            let seqs: Vec<u64> = (low..high).rev().collect();
+            high = low;
+            let paths: Vec<String> = seqs.iter().map(|s| format!("{AUDIT}/e-{s:010}")).collect();
+            for ((seq, path), node) in seqs.iter().zip(&paths).zip(self.read_many(&paths).await?) {
+                if let Some((data, _)) = node {
+                    let mut e: AuditEntry = decode("audit", path, &data, AUDIT_MAX)?;
+                    e.seq = seq + 1;
+                    out.push(e);
+                    if out.len() == limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn audit_stat(&self) -> Result<zk::Stat, StoreError> {
+        Ok(self
             .stat(AUDIT)
             .await?
             .ok_or_else(|| ZkError::Inconsistent {
                 path: AUDIT.into(),
                 why: "the store was initialized",
-            })?;
-        let count = u64::try_from(stat.cversion).unwrap_or(0);
-        let low = count.saturating_sub(limit as u64);
-        let seqs: Vec<u64> = (low..count).rev().collect();
-        let paths: Vec<String> = seqs.iter().map(|s| format!("{AUDIT}/e-{s:010}")).collect();
-        let mut out = Vec::with_capacity(paths.len());
-        for ((seq, path), node) in seqs.iter().zip(&paths).zip(self.read_many(&paths).await?) {
-            if let Some((data, _)) = node {
-                let mut e: AuditEntry = decode("audit", path, &data, AUDIT_MAX)?;
-                e.seq = seq + 1;
-                out.push(e);
-            }
+            })?)
+    }
+
+    /// The lowest name retention may have left (0 before it first ran).
+    async fn audit_floor(&self) -> Result<u64, StoreError> {
+        let path = meta_path(AUDIT_FLOOR)?;
+        match self.read(&path).await? {
+            Some((d, _)) if d.len() <= COUNTER_READ_MAX => Ok(std::str::from_utf8(&d)
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0)),
+            _ => Ok(0),
         }
-        Ok(out)
+    }
+
+    /// Deletes the oldest entries beyond `keep`, from the floor up, then raises the
+    /// floor. Several centers may prune at once: a delete of a gone node is no error.
+    async fn prune_audit(&self, keep: u64) -> Result<u64, StoreError> {
+        let stat = self.audit_stat().await?;
+        let present = u64::try_from(stat.num_children).unwrap_or(0);
+        if present <= keep {
+            return Ok(0);
+        }
+        let mut to_delete = present - keep;
+        let count = u64::try_from(stat.cversion).unwrap_or(0);
+        let mut at = self.audit_floor().await?;
+        let mut deleted = 0;
+        let client = self.client();
+        while to_delete > 0 && at < count {
+            let high = (at + READ_WINDOW as u64).min(count);
+            let paths: Vec<String> = (at..high).map(|s| format!("{AUDIT}/e-{s:010}")).collect();
+            let nodes = self.read_many(&paths).await?;
+            let doomed: Vec<(u64, &String)> = (at..high)
+                .zip(&paths)
+                .zip(nodes)
+                .filter(|(_, n)| n.is_some())
+                .map(|(p, _)| p)
+                .take(usize::try_from(to_delete).unwrap_or(usize::MAX))
+                .collect();
+            let last = doomed.last().map(|(s, _)| *s);
+            let dels = doomed.iter().map(|(_, p)| client.delete(p, None));
+            for (r, (_, p)) in futures_util::future::join_all(dels)
+                .await
+                .into_iter()
+                .zip(&doomed)
+            {
+                match r {
+                    Ok(()) => deleted += 1,
+                    Err(zk::Error::NoNode) => {}
+                    Err(source) => {
+                        return Err(ZkError::Delete {
+                            path: p.to_string(),
+                            source,
+                        }
+                        .into())
+                    }
+                }
+            }
+            to_delete = to_delete.saturating_sub(doomed.len() as u64);
+            at = match last {
+                Some(s) if to_delete == 0 => s + 1,
+                _ => high,
+            };
+        }
+        self.upsert(
+            "raise the audit floor",
+            &meta_path(AUDIT_FLOOR)?,
+            at.to_string().as_bytes(),
+        )
+        .await?;
+        Ok(deleted)
     }
 }
 
@@ -2339,9 +2436,9 @@ impl Store for ZkStore {
         })
     }
 
-    fn list_tasks(&self, limit: usize) -> Result<Vec<TaskRecord>, StoreError> {
+    fn list_tasks(&self, before: Option<u64>, limit: usize) -> Result<Vec<TaskRecord>, StoreError> {
         self.run("listing tasks", move |c| async move {
-            c.list_tasks(limit).await
+            c.list_tasks(before, limit).await
         })
     }
 
@@ -2477,6 +2574,12 @@ impl Store for ZkStore {
     fn list_audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
         self.run("reading the audit log", move |c| async move {
             c.list_audit(limit).await
+        })
+    }
+
+    fn prune_audit(&self, keep: u64) -> Result<u64, StoreError> {
+        self.run("pruning the audit log", move |c| async move {
+            c.prune_audit(keep).await
         })
     }
 }

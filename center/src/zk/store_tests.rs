@@ -466,7 +466,10 @@ fn zk_store_large_task_and_body() {
     nt.body = body.clone();
     let t2 = s.create_task(nt, 9).unwrap();
     assert_eq!(s.get_task(t2).unwrap().unwrap().body, body);
-    assert_eq!(s.list_tasks(1).unwrap()[0].body, body);
+    assert!(
+        s.list_tasks(None, 1).unwrap()[0].body.is_empty(),
+        "listings carry no body"
+    );
     let client = s.session().client();
     let bodies = || {
         let c = client.clone();
@@ -618,7 +621,7 @@ fn zk_store_corrupt_values_are_errors() {
     assert!(is_decode(&s.results(t).unwrap_err()));
     assert!(is_decode(&s.finish("h", t, ok(1)).unwrap_err()));
     assert!(is_zk_decode(&s.open_hosts(t).unwrap_err()));
-    assert!(is_zk_decode(&s.list_tasks(5).unwrap_err()));
+    assert!(is_zk_decode(&s.list_tasks(None, 5).unwrap_err()));
     assert!(is_zk_decode(
         &s.create_task(new_task(&["h2"], 0), 2).unwrap_err()
     ));
