@@ -13,6 +13,7 @@ use octopus_transfer::ticket::Ticket;
 mod control;
 mod fleet;
 mod multi;
+mod sec_run;
 
 const T: Duration = Duration::from_secs(60);
 

@@ -760,17 +760,25 @@ fn task_json(inner: &Inner, rec: TaskRecord, with_output: bool) -> Result<Value,
     }))
 }
 
+#[derive(Debug, Deserialize)]
+struct ShowQuery {
+    /// `false`: leave each host's stdout and stderr out (the CLI's summary needs only
+    /// states, and a task on many hosts has megabytes of output a host).
+    output: Option<bool>,
+}
+
 async fn show_task(
     caller: Caller,
     State(inner): State<Shared>,
     Path(id): Path<u64>,
+    Query(q): Query<ShowQuery>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Scope::Read)?;
     let rec = inner
         .store
         .get_task(id)?
         .ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
-    Ok(Json(task_json(&inner, rec, true)?))
+    Ok(Json(task_json(&inner, rec, q.output.unwrap_or(true))?))
 }
 
 #[derive(Debug, Deserialize)]

@@ -152,6 +152,10 @@ fn from_config(key: &str) -> Option<String> {
     })
 }
 
+/// Cap on one reply of the center read into memory. A task shown with its output
+/// holds up to 1 MiB per host and stream; beyond that, ask without it.
+const MAX_REPLY: u64 = 256 << 20;
+
 impl Client {
     pub fn new(c: &Conn) -> Result<Client> {
         let base = c
@@ -196,6 +200,8 @@ impl Client {
         let status = resp.status();
         let body: Value = resp
             .body_mut()
+            .with_config()
+            .limit(MAX_REPLY)
             .read_json()
             .with_context(|| format!("reading the center's answer to {what}"))?;
         if !status.is_success() {
@@ -402,14 +408,35 @@ fn follow_inner(
     bar: Option<&indicatif::ProgressBar>,
 ) -> Result<bool> {
     let mut after = 0u64;
-    let mut partial: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut lines = crate::lines::Splicer::default();
+    let mut print = |stream: crate::lines::Stream, line: String| match stream {
+        crate::lines::Stream::Stdout => println!("{line}"),
+        crate::lines::Stream::Stderr => eprintln!("{line}"),
+    };
     let mut offline: BTreeMap<String, bool> = BTreeMap::new();
     loop {
         let v = c.get(
             "following the task",
             &format!("/tasks/{id}/events?after={after}&wait=10"),
         )?;
+        let mut expected = after;
         for e in v["events"].as_array().into_iter().flatten() {
+            // The center keeps only a task's most recent events: a jump in the
+            // sequence means output was dropped before we read it.
+            let seq = e["seq"].as_u64().unwrap_or(expected);
+            if seq > expected {
+                let dropped = seq - expected;
+                if json_out {
+                    println!("{}", json!({"event": "gap", "dropped": dropped}));
+                } else {
+                    eprintln!(
+                        "octo: the center dropped {dropped} events of this task's output (it keeps only the most recent); text next to the gap is marked {}",
+                        crate::lines::CUT
+                    );
+                    lines.gap(&mut print);
+                }
+            }
+            expected = expected.max(seq + 1);
             let host = e["host"].as_str().unwrap_or("").to_string();
             let kind = e["kind"].as_str().unwrap_or("").to_string();
             let data = e["data"].as_str().unwrap_or("");
@@ -436,17 +463,12 @@ fn follow_inner(
                 continue;
             }
             // Print whole lines prefixed by the host, like `pssh -i`.
-            let buf = partial.entry((host.clone(), kind.clone())).or_default();
-            buf.push_str(data);
-            while let Some(nl) = buf.find('\n') {
-                let line: String = buf.drain(..=nl).collect();
-                let line = line.trim_end_matches('\n');
-                if kind == "stderr" {
-                    eprintln!("{host}: {line}");
-                } else {
-                    println!("{host}: {line}");
-                }
-            }
+            let stream = if kind == "stderr" {
+                crate::lines::Stream::Stderr
+            } else {
+                crate::lines::Stream::Stdout
+            };
+            lines.push(&host, stream, data, &mut print);
         }
         after = v["next"].as_u64().unwrap_or(after);
         let pending = v["pending"].as_u64().unwrap_or(0) as usize;
@@ -457,27 +479,49 @@ fn follow_inner(
             break;
         }
     }
-    for ((host, kind), rest) in partial {
-        if !rest.is_empty() && !json_out {
-            if kind == "stderr" {
-                eprintln!("{host}: {rest}");
-            } else {
-                println!("{host}: {rest}");
-            }
-        }
-    }
-    summary(c, id, json_out)
+    // The human summary needs no output (it was printed live), and with it a task on
+    // a few hosts already outgrows the reply cap; `--json` keeps it for scripts.
+    let t = if json_out {
+        c.get("reading the task", &format!("/tasks/{id}"))?
+    } else {
+        c.get("reading the task", &format!("/tasks/{id}?output=false"))?
+    };
+    // A stream cut at the cap ends in the middle of a line: say so on that line.
+    let cut = |host: &str, stream: crate::lines::Stream| {
+        let flag = match stream {
+            crate::lines::Stream::Stdout => "stdout_truncated",
+            crate::lines::Stream::Stderr => "stderr_truncated",
+        };
+        t["hosts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|h| h["host"] == host && h[flag].as_bool() == Some(true))
+    };
+    lines.finish(&mut print, cut);
+    summary(&t, id, json_out)
 }
 
-fn summary(c: &Client, id: u64, json_out: bool) -> Result<bool> {
-    let t = c.get("reading the task", &format!("/tasks/{id}"))?;
+fn summary(t: &Value, id: u64, json_out: bool) -> Result<bool> {
     let mut ok = 0;
     let mut failed = Vec::new();
     let mut timed_out = Vec::new();
     let mut offline = Vec::new();
     let mut other = Vec::new();
+    let mut truncated = Vec::new();
     for h in t["hosts"].as_array().into_iter().flatten() {
         let name = h["host"].as_str().unwrap_or("").to_string();
+        let cut: Vec<&str> = [
+            ("stdout", "stdout_truncated"),
+            ("stderr", "stderr_truncated"),
+        ]
+        .into_iter()
+        .filter(|(_, flag)| h[*flag].as_bool() == Some(true))
+        .map(|(stream, _)| stream)
+        .collect();
+        if !cut.is_empty() {
+            truncated.push((name.clone(), cut.join(" and ")));
+        }
         match h["state"].as_str().unwrap_or("") {
             "ok" => ok += 1,
             "failed" | "lost" => {
@@ -503,9 +547,17 @@ fn summary(c: &Client, id: u64, json_out: bool) -> Result<bool> {
         println!(
             "{}",
             json!({"event": "summary", "id": id, "ok": ok, "failed": failed.len(),
-                   "timed_out": timed_out.len(), "offline": offline.len(), "task": t})
+                   "timed_out": timed_out.len(), "offline": offline.len(),
+                   "truncated": truncated.iter().map(|(h, _)| h).collect::<Vec<_>>(), "task": t})
         );
     } else {
+        // Before the counts, so "3 ok" never reads as "all the output is here".
+        for (h, streams) in &truncated {
+            eprintln!(
+                "{h}: output truncated at {} MiB ({streams}); the rest was not kept",
+                octopus_agent::exec::MAX_CAPTURE >> 20
+            );
+        }
         eprintln!(
             "task {id}: {ok} ok, {} failed, {} timed out, {} offline",
             failed.len(),

@@ -20,6 +20,7 @@ use serde_json::json;
 
 mod ctl;
 mod demo;
+mod lines;
 mod load;
 mod managed_bench;
 mod swarm_bench;

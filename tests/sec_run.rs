@@ -1,0 +1,235 @@
+//! The agent and CLI at runtime (issue 9): bounded command output, whole output lines,
+//! no escaped children after a timeout, a center killed during a swarm copy, a bad pool
+//! member taken out of rotation, and rate limits that are shown to limit.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use octopus_tests::{wait_until, Value};
+
+use crate::fleet::{summary, Fleet, T};
+
+/// The agent's peak resident memory (VmHWM) in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in {status}"))
+}
+
+#[test]
+fn a_command_printing_300_mb_is_cut_at_the_cap_and_the_agent_stays_small() {
+    let mut f = Fleet::start(1);
+    let pid = f.agent("host-1").pid();
+    let before = peak_rss_kib(pid);
+    let (code, out, err) = f.octo(&[
+        "exec",
+        "host-1",
+        "--",
+        "yes 0123456789abcdefghijklmnopqrstuvwxyz | head -c 300000000",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let after = peak_rss_kib(pid);
+    // The cap is 1 MiB a stream; the old unbounded channel held hundreds of MB.
+    assert!(
+        after < before + 64 * 1024,
+        "the agent's peak RSS went from {before} KiB to {after} KiB"
+    );
+    assert!(
+        err.contains("host-1: output truncated at 1 MiB (stdout)"),
+        "the CLI must say the output was cut: {err}"
+    );
+    let printed = out.lines().filter(|l| l.starts_with("host-1: ")).count();
+    assert!(
+        (1..=(1 << 20) / 37 + 1).contains(&printed),
+        "printed {printed} lines"
+    );
+
+    let (code, out, _) = f.octo(&["exec", "--json", "host-1", "--", "yes | head -c 3000000"]);
+    assert_eq!(code, 0);
+    let s = summary(&out);
+    assert_eq!(s["truncated"], serde_json::json!(["host-1"]), "{s}");
+    let h = &s["task"]["hosts"][0];
+    assert_eq!(h["stdout_truncated"], true, "{h}");
+    assert_eq!(h["stderr_truncated"], false, "{h}");
+}
+
+/// The shell line that prints `n` lines of about 1 KB to stdout and stderr:
+/// `L <pid> <i> <payload(pid, i)>`, all from one awk process.
+fn chatty(n: usize) -> String {
+    format!(
+        "awk -v p=$$ 'BEGIN {{ for (i = 0; i < {n}; i++) {{ u = p \"-\" i \":\"; s = \"\"; \
+         while (length(s) < 1000) s = s u; print \"L \" p \" \" i \" \" s; \
+         print \"L \" p \" \" i \" \" s > \"/dev/stderr\" }} }}'"
+    )
+}
+
+/// Checks every line the CLI printed is `host: L pid i payload` with the payload
+/// that host's process printed, or is marked as cut; returns the pid per host.
+fn check_whole_lines(text: &str, hosts: usize) -> BTreeMap<String, String> {
+    let mut pids: BTreeMap<String, String> = BTreeMap::new();
+    let mut whole = 0;
+    for line in text.lines() {
+        let Some((host, rest)) = line.split_once(": ") else {
+            continue;
+        };
+        if !host.starts_with("host-") {
+            continue;
+        }
+        if rest.starts_with("[cut]") || rest.ends_with("[cut]") {
+            continue;
+        }
+        let parts: Vec<&str> = rest.splitn(4, ' ').collect();
+        if parts.len() != 4 || parts[0] != "L" {
+            // The summary and the truncation notes are the only other lines.
+            assert!(
+                rest.starts_with("output truncated at"),
+                "not a whole line: {line:.200}"
+            );
+            continue;
+        }
+        let (pid, i, payload) = (parts[1], parts[2], parts[3]);
+        let unit = format!("{pid}-{i}:");
+        let mut want = String::new();
+        while want.len() < 1000 {
+            want.push_str(&unit);
+        }
+        assert_eq!(payload, want, "a spliced line: {line:.200}");
+        let seen = pids
+            .entry(host.to_string())
+            .or_insert_with(|| pid.to_string());
+        assert_eq!(
+            seen, pid,
+            "{host} printed a line of another host: {line:.200}"
+        );
+        whole += 1;
+    }
+    assert!(whole > 100, "only {whole} whole lines");
+    let distinct: std::collections::BTreeSet<_> = pids.values().collect();
+    assert_eq!(
+        distinct.len(),
+        pids.len(),
+        "two hosts, one process: {pids:?}"
+    );
+    assert!(pids.len() <= hosts);
+    pids
+}
+
+/// What the CLI printed on stderr besides the command's own lines.
+fn notes(err: &str) -> String {
+    err.lines()
+        .filter(|l| !l.contains(": L ") && !l.contains("[cut]"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn lines_of_many_hosts_stay_whole_live_and_when_followed_late() {
+    let hosts = 5;
+    let f = Fleet::start(hosts);
+    // Live: 5 hosts printing 3 MB a stream at once.
+    let (code, out, err) = f.octo(&["exec", "all", "--", &chatty(3000)]);
+    assert_eq!(code, 0, "{}", notes(&err));
+    check_whole_lines(&out, hosts);
+    check_whole_lines(&err, hosts);
+    for i in 1..=hosts {
+        assert!(
+            err.contains(&format!(
+                "host-{i}: output truncated at 1 MiB (stdout and stderr)"
+            )),
+            "{}",
+            notes(&err)
+        );
+    }
+
+    // Late: the task has finished before anyone follows it, so the center's event
+    // log has dropped its oldest events and the first ones kept start mid-line.
+    let (code, out, err) = f.octo(&["exec", "--async", "--json", "all", "--", &chatty(3000)]);
+    assert_eq!(code, 0, "{err}");
+    let id = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["event"] == "created")
+        .and_then(|v| v["id"].as_u64())
+        .unwrap();
+    assert!(wait_until(T, || {
+        let (_, out, _) = f.octo(&["task", "show", &id.to_string(), "--json"]);
+        serde_json::from_str::<Value>(&out).is_ok_and(|t| {
+            t["hosts"]
+                .as_array()
+                .is_some_and(|h| h.iter().all(|h| h["state"] == "ok"))
+        })
+    }));
+    let (code, out, err) = f.octo(&["task", "wait", &id.to_string()]);
+    assert_eq!(code, 0, "{}", notes(&err));
+    check_whole_lines(&out, hosts);
+    check_whole_lines(&err, hosts);
+}
+
+/// The process exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+    })
+}
+
+#[test]
+fn a_timeout_kills_a_setsid_grandchild() {
+    let f = Fleet::start(1);
+    let (code, out, err) = f.octo(&[
+        "exec",
+        "--timeout",
+        "2s",
+        "host-1",
+        "--",
+        "sh -c 'setsid sleep 1000 & echo $!; sleep 1000'",
+    ]);
+    assert_ne!(code, 0, "a timed-out command is not a success");
+    assert!(err.contains("timed out"), "{err}");
+    let pid: u32 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("host-1: "))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {out}"));
+    // Killed processes take a moment to be reaped; poll, do not time.
+    let gone = wait_until(Duration::from_secs(5), || !alive(pid));
+    if !gone {
+        // SAFETY: plain kill of the stray process this test made.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    assert!(gone, "the setsid grandchild {pid} survived the timeout");
+
+    // A cancel reaches it too.
+    let pidfile = f.dir.path().join("grandchild.pid");
+    let cmd = format!(
+        "sh -c 'setsid sleep 1001 & echo $! > {}; sleep 1000'",
+        pidfile.display()
+    );
+    let (code, out, err) = f.octo(&["exec", "--async", "--json", "host-1", "--", &cmd]);
+    assert_eq!(code, 0, "{err}");
+    let id = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["event"] == "created")
+        .and_then(|v| v["id"].as_u64())
+        .unwrap();
+    assert!(wait_until(T, || std::fs::read_to_string(&pidfile)
+        .is_ok_and(|s| s.ends_with('\n'))));
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(pid));
+    let (code, _, err) = f.octo(&["task", "cancel", &id.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    let gone = wait_until(Duration::from_secs(10), || !alive(pid));
+    if !gone {
+        // SAFETY: plain kill of the stray process this test made.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    assert!(gone, "the setsid grandchild {pid} survived a cancel");
+}
