@@ -233,3 +233,85 @@ fn a_timeout_kills_a_setsid_grandchild() {
     }
     assert!(gone, "the setsid grandchild {pid} survived a cancel");
 }
+
+#[test]
+fn share_and_get_limits_charge_every_byte_they_move() {
+    let env = crate::Env::new();
+    let src = env.path("payload.bin");
+    let size = 3_000_000u64;
+    octopus_tests::write_random(&src, size, 9);
+    let (mut share, ticket) = env.share("share", &["--limit-up", "20MB"], &[&src]);
+    let dest = env.path("got.bin");
+    let mut get = env.get("get", &ticket, &dest, &["--limit-down", "20MB"]);
+    let done = get.wait_event("done", crate::T);
+    assert_eq!(done["bytes"], size, "{done}");
+    assert_eq!(
+        done["limited_down_bytes"], size,
+        "every received byte goes through --limit-down: {done}"
+    );
+    get.wait(crate::T);
+    share.signal(libc::SIGINT);
+    let stopped = share.wait_event("stopped", crate::T);
+    let sent = stopped["sent_bytes"].as_u64().unwrap();
+    assert!(sent >= size, "{stopped}");
+    assert_eq!(
+        stopped["limited_up_bytes"].as_u64(),
+        Some(sent),
+        "every sent byte goes through --limit-up: {stopped}"
+    );
+}
+
+/// `limited C bytes by the copy's download limit and A by the agent's` -> (C, A).
+fn limited(stdout: &str) -> Option<(u64, u64)> {
+    let line = stdout.lines().find(|l| l.starts_with("limited "))?;
+    let words: Vec<&str> = line.split(' ').collect();
+    Some((words.get(1)?.parse().ok()?, words.get(9)?.parse().ok()?))
+}
+
+#[test]
+fn cp_and_agent_download_limits_charge_every_byte_received() {
+    let mut f = Fleet::start(0);
+    let data = f.dir.path().join("agent-limited");
+    let data = data.display().to_string();
+    let args = [
+        "agent",
+        "--center",
+        &f.addr,
+        "--token",
+        &f.enroll,
+        "--data-dir",
+        &data,
+        "--name",
+        "limited",
+        "--limit-down",
+        "20MB",
+        "--json",
+    ];
+    let mut a = octopus_tests::Octo::spawn(&crate::bin(), "limited", f.dir.path(), &args, &[]);
+    a.wait_event("ready", T);
+    f.agents.push(("limited".into(), a));
+    f.wait_online(1);
+
+    let src = f.dir.path().join("big.bin");
+    let size = 3_000_000u64;
+    octopus_tests::write_random(&src, size, 4);
+    let dest = format!("limited:{}/copy.bin", f.dir.path().display());
+    let (code, out, err) = f.octo(&[
+        "cp",
+        "--json",
+        "--limit-down",
+        "20MB",
+        &src.display().to_string(),
+        &dest,
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let h = &summary(&out)["task"]["hosts"][0];
+    let stdout = h["stdout"].as_str().unwrap();
+    let received = h["received"].as_u64().unwrap();
+    assert_eq!(received, size, "{h}");
+    assert_eq!(
+        limited(stdout),
+        Some((received, received)),
+        "both limits charge every byte received: {stdout}"
+    );
+}

@@ -76,7 +76,10 @@ pub fn check_dest(dest: &str) -> Result<PathBuf, String> {
 }
 
 /// Fetches per `spec`. The result's stdout lists `md5  path` per file, like md5sum,
-/// then one line `received N bytes in M ms`.
+/// then one line `received N bytes in M ms`, and, when a download limit applies, one
+/// line `limited C bytes by the copy's download limit and A by the agent's` (the bytes
+/// charged to each limiter; C is counted on the swarm path only, A is the agent-wide
+/// limiter's count over this run, which includes concurrent copies).
 pub async fn run(
     spec: &FetchSpec,
     ctx: &FetchCtx,
@@ -97,6 +100,8 @@ pub async fn run(
         std::fs::create_dir_all(&parent)
             .map_err(|e| format!("creating {}: {e}", parent.display()))?;
     }
+    let agent_charged = ctx.node_down.charged();
+    let mut copy_charged = 0;
     let (files, received) = match &spec.pool {
         Some(pf) => {
             let (pf, spec2, ctx2) = (pf.clone(), spec.clone(), ctx.clone());
@@ -107,7 +112,11 @@ pub async fn run(
             .await
             .map_err(|e| format!("the download thread failed: {e}"))??
         }
-        None => swarm_fetch(spec, ctx, dest, progress).await?,
+        None => {
+            let (files, received, charged) = swarm_fetch(spec, ctx, dest, progress).await?;
+            copy_charged = charged;
+            (files, received)
+        }
     };
     let mut stdout = String::new();
     for (path, md5) in &files {
@@ -126,6 +135,12 @@ pub async fn run(
         "received {received} bytes in {} ms\n",
         started.elapsed().as_millis()
     ));
+    if spec.limit_down.is_some() || ctx.node_down.rate().is_some() {
+        stdout.push_str(&format!(
+            "limited {copy_charged} bytes by the copy's download limit and {} by the agent's\n",
+            ctx.node_down.charged() - agent_charged
+        ));
+    }
     Ok(success(stdout, started))
 }
 
@@ -186,7 +201,7 @@ async fn swarm_fetch(
     ctx: &FetchCtx,
     dest: PathBuf,
     progress: OnProgress,
-) -> Result<(Vec<(PathBuf, String)>, u64), String> {
+) -> Result<(Vec<(PathBuf, String)>, u64, u64), String> {
     let ticket = Ticket::decode(&spec.ticket).map_err(|e| format!("reading the ticket: {e}"))?;
     let cfg = NodeConfig {
         listen: "0.0.0.0:0".parse().expect("valid"),
@@ -242,7 +257,7 @@ async fn swarm_fetch(
         tokio::time::sleep(linger).await;
         h.shutdown().await;
     });
-    Ok((files, out.received_bytes))
+    Ok((files, out.received_bytes, out.limited_down_bytes))
 }
 
 /// Copies a verified file into the cache (a copy, not a link: the destination is the
