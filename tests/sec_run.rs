@@ -315,3 +315,60 @@ fn cp_and_agent_download_limits_charge_every_byte_received() {
         "both limits charge every byte received: {stdout}"
     );
 }
+
+#[test]
+fn a_swarm_cp_outlives_a_center_killed_and_restarted_mid_copy() {
+    let mut f = Fleet::start(1);
+    let src = f.dir.path().join("release.bin");
+    let size = 8_000_000u64;
+    octopus_tests::write_random(&src, size, 21);
+    let want = crate::md5_hex(&src);
+    let dest = f.dir.path().join("out").join("release.bin");
+    let target = format!("host-1:{}", dest.display());
+    // The CLI seeds at 1 MB/s, so the copy takes about 8 s: time to restart the center.
+    let args = [
+        "cp",
+        "--json",
+        "--mkdir",
+        "--limit-up",
+        "1MB",
+        &src.display().to_string(),
+        &target,
+    ];
+    let mut cli = octopus_tests::Octo::spawn(
+        &crate::bin(),
+        "cp",
+        f.dir.path(),
+        &args,
+        &[("OCTO_CENTER", &f.api), ("OCTO_TOKEN", &f.admin)],
+    );
+    let created = cli.wait_event("created", T);
+    assert_eq!(created["via"], "swarm", "{created}");
+    let id = created["id"].as_u64().unwrap();
+    // Wait until bytes are moving, then kill the center hard.
+    assert!(wait_until(T, || {
+        let (_, v) = crate::fleet::http(
+            &f.api,
+            "GET",
+            &format!("/api/v1/tasks/{id}/progress"),
+            Some(&f.admin),
+            "",
+        );
+        v["bytes"].as_u64().is_some_and(|b| b > 0)
+    }));
+    f.center.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    let (c2, api2, _, _) = crate::fleet::start_center(f.dir.path(), &f.addr, "center-2");
+    assert_eq!(api2, f.api);
+    f.center = c2;
+
+    let summary = cli.wait_event("summary", Duration::from_secs(90));
+    let status = cli.wait(T);
+    assert!(
+        status.success(),
+        "the CLI gave up: {summary}\n{}",
+        cli.stderr()
+    );
+    assert_eq!(summary["ok"], 1, "{summary}");
+    assert_eq!(crate::md5_hex(&dest), want);
+}

@@ -194,6 +194,11 @@ fn success(stdout: String, started: Instant) -> ExecResult {
     }
 }
 
+/// How long a swarm fetch may make no progress before it fails as stalled. The
+/// engine keeps asking its tracker for peers meanwhile, so a seeder that comes back
+/// (a CLI that outlived a center restart) is found again within it.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// The swarm path: the transfer engine writes into `dest`, then every file is copied
 /// into the cache.
 async fn swarm_fetch(
@@ -216,6 +221,7 @@ async fn swarm_fetch(
         .await
         .map_err(|e| format!("starting the transfer: {e}"))?;
     let mut watch = h.progress();
+    let mut stall_watch = h.progress();
     let reporter = tokio::spawn(async move {
         loop {
             let p = watch.borrow_and_update().clone();
@@ -229,7 +235,29 @@ async fn swarm_fetch(
             }
         }
     });
-    let out = h.completed().await;
+    // A swarm whose peers all went away (the CLI seeding it died with its center)
+    // would otherwise sit at "running" until cancelled.
+    let stalled = async move {
+        let mut last = stall_watch.borrow_and_update().have_bytes;
+        let mut since = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = stall_watch.borrow_and_update().have_bytes;
+            if now != last {
+                (last, since) = (now, Instant::now());
+            } else if since.elapsed() >= STALL_TIMEOUT {
+                return last;
+            }
+        }
+    };
+    let out = tokio::select! {
+        o = h.completed() => o,
+        have = stalled => Err(format!(
+            "stalled: no progress for {} s at {have} of {} bytes (no peer sends what is missing)",
+            STALL_TIMEOUT.as_secs(),
+            h.manifest().total_size()
+        )),
+    };
     reporter.abort();
     let out = match out {
         Ok(o) => o,

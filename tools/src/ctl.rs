@@ -135,6 +135,9 @@ pub struct Client {
     base: String,
     token: String,
     http: ureq::Agent,
+    /// How long a GET keeps retrying while the center cannot be reached (a restart),
+    /// counted from the first failure; zero: no retry.
+    retry_for: Duration,
 }
 
 fn config_file() -> Option<PathBuf> {
@@ -184,7 +187,15 @@ impl Client {
             base: base.trim_end_matches('/').to_string(),
             token,
             http,
+            retry_for: Duration::ZERO,
         })
+    }
+
+    /// GETs retry for up to `d` while the center is unreachable: a command following
+    /// a task (and seeding it) must outlive a center restart, within the task's TTL.
+    pub fn retrying(mut self, d: Duration) -> Client {
+        self.retry_for = d;
+        self
     }
 
     fn url(&self, path: &str) -> String {
@@ -212,12 +223,37 @@ impl Client {
     }
 
     pub fn get(&self, what: &str, path: &str) -> Result<Value> {
-        let r = self
-            .http
-            .get(self.url(path))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .call();
-        self.finish(what, r)
+        let mut deadline = None;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let r = self
+                .http
+                .get(self.url(path))
+                .header("Authorization", format!("Bearer {}", self.token))
+                .call();
+            // Only a center that could not be reached is retried; an answer is final.
+            let unreachable = matches!(
+                &r,
+                Err(ureq::Error::Io(_)
+                    | ureq::Error::ConnectionFailed
+                    | ureq::Error::HostNotFound
+                    | ureq::Error::Timeout(_))
+            );
+            if !unreachable || self.retry_for.is_zero() {
+                return self.finish(what, r);
+            }
+            let until = *deadline.get_or_insert_with(|| Instant::now() + self.retry_for);
+            if Instant::now() >= until {
+                return self.finish(what, r);
+            }
+            if backoff == Duration::from_millis(200) {
+                eprintln!("octo: the center at {} is unreachable; retrying", self.base);
+            }
+            // Jittered exponential backoff, capped at 5 s.
+            let jitter = Duration::from_millis(rand::random::<u64>() % 200);
+            std::thread::sleep((backoff + jitter).min(until - Instant::now()));
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
     }
 
     /// Streams `reader` as the body of a PUT (no overall timeout: uploads are big).
@@ -372,7 +408,7 @@ pub fn exec(conn: &Conn, a: ExecArgs) -> Result<bool> {
         }
         return Ok(true);
     }
-    follow(&c, id, a.json)
+    follow(&c.retrying(a.ttl), id, a.json)
 }
 
 /// Prints a task's events until it is finished (or only offline hosts remain), then
@@ -419,6 +455,19 @@ fn follow_inner(
             "following the task",
             &format!("/tasks/{id}/events?after={after}&wait=10"),
         )?;
+        let next = v["next"].as_u64().unwrap_or(after);
+        if next < after {
+            // The center restarted and its event log with it: start over, and say
+            // that what happened meanwhile is lost.
+            after = 0;
+            if json_out {
+                println!("{}", json!({"event": "gap", "dropped": null}));
+            } else {
+                eprintln!("octo: the center restarted; output it received before is lost");
+                lines.gap(&mut print);
+            }
+            continue;
+        }
         let mut expected = after;
         for e in v["events"].as_array().into_iter().flatten() {
             // The center keeps only a task's most recent events: a jump in the
@@ -1061,9 +1110,12 @@ pub async fn cp(conn: Conn, a: CpArgs) -> Result<bool> {
     body["size"] = json!(total);
     let async_ = a.async_;
     let cli_seeds = seed.is_some();
+    let ttl = a.ttl;
     let res = tokio::task::spawn_blocking(move || -> Result<bool> {
         let c = Client::new(&conn)?;
         let created = c.post("creating the copy task", "/tasks", &body)?;
+        // From here on a center restart is waited out (we keep seeding meanwhile).
+        let c = c.retrying(ttl);
         let id = created["id"]
             .as_u64()
             .context("the center gave no task id")?;
