@@ -372,3 +372,66 @@ fn a_swarm_cp_outlives_a_center_killed_and_restarted_mid_copy() {
     assert_eq!(summary["ok"], 1, "{summary}");
     assert_eq!(crate::md5_hex(&dest), want);
 }
+
+#[test]
+fn a_pool_member_whose_copy_fails_verification_leaves_the_rotation() {
+    let f = Fleet::start(2);
+    let small = f.dir.path().join("app.conf");
+    octopus_tests::write_random(&small, 200 << 10, 17);
+    let want = crate::md5_hex(&small);
+    let src = small.display().to_string();
+    // host-1 gets it from the center and then holds it in its pool.
+    let first = format!("host-1:{}/one/app.conf", f.dir.path().display());
+    let (code, out, err) = f.octo(&["cp", "--json", "--mkdir", &src, &first]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let holds = |host: &str| {
+        let (_, v) = crate::fleet::http(&f.api, "GET", "/api/v1/files", Some(&f.admin), "");
+        v["members"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["host"] == host))
+            .and_then(|m| m["holds"].as_u64())
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(T, || holds("host-1") == 1),
+        "host-1 never joined the pool"
+    );
+
+    // Its cached object rots on disk (same size, other bytes).
+    let obj = f
+        .dir
+        .path()
+        .join("agent-host-1/cache/objects")
+        .join(&want[..2])
+        .join(&want);
+    let mut bytes = std::fs::read(&obj).unwrap();
+    for b in bytes.iter_mut().take(4096) {
+        *b = !*b;
+    }
+    std::fs::write(&obj, &bytes).unwrap();
+
+    // host-2 is sent to host-1 (it has served nothing yet, the center once), finds
+    // the copy bad, and gets the center's instead.
+    let second = format!("host-2:{}/two/app.conf", f.dir.path().display());
+    let (code, out, err) = f.octo(&["cp", "--json", "--mkdir", &src, &second]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(summary(&out)["ok"], 1);
+    assert_eq!(crate::md5_hex(&f.dir.path().join("two/app.conf")), want);
+    let (_, v) = crate::fleet::http(&f.api, "GET", "/api/v1/files", Some(&f.admin), "");
+    let h1 = v["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["host"] == "host-1"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        h1["redirects"].as_u64() >= Some(1),
+        "host-1 was never tried: {v}"
+    );
+    assert_eq!(
+        h1["holds"], 0,
+        "the bad member is still listed for {want}: {v}"
+    );
+    // Its next holdings report does not bring it back.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(holds("host-1"), 0);
+}

@@ -445,17 +445,70 @@ fn download(
         Err(_) => current,
     };
     let url = format!("http://{center}/api/v1/files/{}?{}", pf.md5, pf.query);
+    // Redirects are followed by hand, to know which pool member a download came from.
     let http: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_connect(Some(Duration::from_secs(10)))
         .timeout_recv_body(Some(Duration::from_secs(60)))
-        .max_redirects(4)
+        .max_redirects(0)
         .build()
         .into();
-    let mut resp = http
-        .get(&url)
-        .call()
-        .map_err(|e| format!("downloading {}: {e}", pf.md5))?;
+    // A member whose copy does not verify (or that cannot be reached) is reported to
+    // the center, which takes it out of the rotation for this MD5 and sends us
+    // elsewhere: to another member or to its own copy.
+    let mut failed: Vec<String> = Vec::new();
+    loop {
+        let ask = if failed.is_empty() {
+            url.clone()
+        } else {
+            format!("{url}&failed={}", failed.join(","))
+        };
+        let resp = http
+            .get(&ask)
+            .call()
+            .map_err(|e| format!("downloading {}: {e}", pf.md5))?;
+        if !resp.status().is_redirection() {
+            return receive(rt, resp, pf, spec, ctx, to, progress);
+        }
+        let location = resp
+            .headers()
+            .get("location")
+            .and_then(|l| l.to_str().ok())
+            .ok_or_else(|| format!("the center's redirect for {} has no location", pf.md5))?
+            .to_string();
+        let member = location
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let res = http
+            .get(&location)
+            .call()
+            .map_err(|e| format!("downloading {} from {member}: {e}", pf.md5))
+            .and_then(|r| receive(rt, r, pf, spec, ctx, to, progress));
+        match res {
+            Ok(()) => return Ok(()),
+            Err(e) if failed.len() < 4 && !failed.contains(&member) => {
+                tracing::warn!(%member, "{e}; asking the center for another copy");
+                failed.push(member);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads one answer's body into `to`, charged to the limits and checked against the
+/// size and MD5.
+fn receive(
+    rt: &tokio::runtime::Handle,
+    mut resp: ureq::http::Response<ureq::Body>,
+    pf: &PoolFile,
+    spec: &FetchSpec,
+    ctx: &FetchCtx,
+    to: &Path,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<(), String> {
     if !resp.status().is_success() {
         let why = resp.body_mut().read_to_string().unwrap_or_default();
         return Err(format!(

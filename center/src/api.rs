@@ -898,10 +898,18 @@ async fn list_files(caller: Caller, State(inner): State<Shared>) -> Result<Json<
 /// `GET /api/v1/files/{md5}`: a URL the center signed (agents, `curl -L`) or a token
 /// with the read scope. Redirects to the least-loaded pool member holding the
 /// content, or serves the center's own copy.
+/// `failed=ADDR[,ADDR]`: pool members whose copy of this content the caller could
+/// not verify (see [`crate::content::Content::distrust`]).
+#[derive(Debug, Deserialize)]
+struct FailedMembers {
+    failed: Option<String>,
+}
+
 async fn get_file(
     State(inner): State<Shared>,
     Path(md5): Path<String>,
     Query(q): Query<octopus_agent::pool::Signed>,
+    Query(bad): Query<FailedMembers>,
     req: Request,
 ) -> Response {
     let (mut parts, _) = req.into_parts();
@@ -916,6 +924,12 @@ async fn get_file(
     };
     if let Err(e) = authorised {
         return e.into_response();
+    }
+    // Only a caller entitled to the content may report a bad copy of it.
+    for addr in bad.failed.as_deref().unwrap_or("").split(',').take(16) {
+        if let Some(host) = inner.content.distrust(&md5, addr.trim()) {
+            tracing::warn!(%md5, %host, "a pool member's copy failed verification; it leaves the rotation");
+        }
     }
     match inner.content.pick(&md5) {
         crate::content::PoolChoice::Member(host, addr) => {
