@@ -63,6 +63,7 @@ impl Cgroup {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
+        sweep_stale(&base);
         let dir = base.join(format!(
             "{}-{}",
             std::process::id(),
@@ -207,6 +208,24 @@ fn own_freezer_path() -> io::Result<String> {
         .next()
         .map(str::to_string)
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no freezer hierarchy"))
+}
+
+/// Removes the empty cgroups of agents that are gone (killed before their cleanup
+/// thread ran). A non-empty one is left alone: `rmdir` refuses it.
+fn sweep_stale(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some((pid, _)) = name.to_str().and_then(|n| n.split_once('-')) else {
+            continue;
+        };
+        let mine = pid == std::process::id().to_string();
+        if !mine && pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
 }
 
 fn read_pids(path: &Path) -> Vec<libc::pid_t> {
