@@ -17,6 +17,7 @@ mod sec_caps;
 mod sec_fs;
 mod sec_tls;
 mod sec_auth;
+mod sec_run;
 
 const T: Duration = Duration::from_secs(60);
 

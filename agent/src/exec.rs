@@ -27,10 +27,18 @@
 //!   variables, like `su -`: the agent's environment (which may hold its own
 //!   configuration or secrets) must not leak into another account. Without `user`,
 //!   the command simply inherits the agent's environment.
-//! - **Streaming and capture are separate.** `on_output` sees every chunk as it
-//!   arrives (the CLI shows it live); the returned capture keeps the first
-//!   [`MAX_CAPTURE`] bytes of each stream so a chatty command cannot grow the agent's
-//!   memory without bound.
+//! - **One cgroup per command, where available.** `setsid` lets a descendant leave
+//!   the process group, so `killpg` alone misses `setsid daemon &`. Each command
+//!   also runs in its own freezer cgroup ([`crate::cgroup`]); a timeout or a cancel
+//!   SIGTERMs every member, then freezes the cgroup, SIGKILLs every member and thaws
+//!   it. A command that exited by itself keeps its background processes (they are
+//!   moved back to the agent's cgroup).
+//! - **Output is capped per stream, live and captured alike.** `on_output` sees the
+//!   first [`MAX_CAPTURE`] bytes of each stream as they arrive (the CLI shows them
+//!   live), and the returned capture keeps the same bytes. Past the cap the command's
+//!   output is still read (so it never blocks on a full pipe) but dropped, and the
+//!   result is flagged truncated: 600 MB of output once queued up in the agent's
+//!   session channel faster than it could be sent and drove it to 473 MB of RSS.
 //! - **Scripts go to a private file.** A script body is written into a fresh `0700`
 //!   directory in the temp dir, owned by the target user, and removed when `run`
 //!   returns. Passing it on the command line would expose it in `ps` and hit
@@ -230,11 +238,13 @@ where
             .env("PATH", USER_PATH);
     }
     cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
+    let mut cgroup = crate::cgroup::Cgroup::create();
     let setup = ChildSetup {
+        cgroup_fd: cgroup.as_ref().and_then(crate::cgroup::Cgroup::join_fd),
         creds: account.as_ref().and_then(Account::creds_to_switch),
         cwd,
     };
-    // SAFETY: `ChildSetup::apply` only makes async-signal-safe calls (setsid,
+    // SAFETY: `ChildSetup::apply` only makes async-signal-safe calls (setsid, write,
     // setgroups, setgid, setuid, chdir) on data prepared before the fork, and
     // allocates nothing.
     unsafe {
@@ -248,7 +258,14 @@ where
     })?;
     // `id()` is `Some` until the child has been waited for, which has not happened.
     let pgid = child.id().map_or(0, |id| id as libc::pid_t);
-    let mut group = GroupGuard { pgid, armed: true };
+    if let Some(cg) = cgroup.as_mut() {
+        cg.child_started();
+    }
+    let mut group = GroupGuard {
+        pgid,
+        cgroup,
+        armed: true,
+    };
 
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
@@ -281,8 +298,10 @@ where
         tokio::select! {
             r = read_some(stdout.as_mut(), &mut out_buf) => match r {
                 Ok(n) if n > 0 => {
-                    on_output(OutStream::Stdout, &out_buf[..n]);
-                    out.push(&out_buf[..n]);
+                    let kept = out.push(&out_buf[..n]);
+                    if !kept.is_empty() {
+                        on_output(OutStream::Stdout, kept);
+                    }
                 }
                 r => {
                     if let Err(e) = r {
@@ -293,8 +312,10 @@ where
             },
             r = read_some(stderr.as_mut(), &mut err_buf) => match r {
                 Ok(n) if n > 0 => {
-                    on_output(OutStream::Stderr, &err_buf[..n]);
-                    err.push(&err_buf[..n]);
+                    let kept = err.push(&err_buf[..n]);
+                    if !kept.is_empty() {
+                        on_output(OutStream::Stderr, kept);
+                    }
                 }
                 r => {
                     if let Err(e) = r {
@@ -322,15 +343,15 @@ where
         if deadline.is_some_and(|d| d <= now) {
             deadline = None;
             timed_out = true;
-            signal_group(pgid, libc::SIGTERM);
+            group.signal(libc::SIGTERM);
             kill_at = Some(now + KILL_GRACE);
         }
         if let Some(k) = kill_at {
             // The main child must have been reaped before its group can be empty.
-            let gone = status.is_some() && group_is_gone(pgid);
+            let gone = status.is_some() && group.is_gone();
             if gone || k <= now {
                 if !gone {
-                    signal_group(pgid, libc::SIGKILL);
+                    group.signal(libc::SIGKILL);
                     // As a session leader the child cannot leave its group, but a
                     // direct kill costs nothing should that ever change.
                     if status.is_none() {
@@ -347,8 +368,16 @@ where
         }
     }
     // A command that exited by itself may leave background processes running on
-    // purpose; only a dropped (cancelled) `run` kills the group.
+    // purpose; only a timeout or a dropped (cancelled) `run` kills the group.
     group.armed = false;
+    if let Some(cg) = &group.cgroup {
+        if timed_out {
+            // Whatever slipped through (a member that forked while being signalled).
+            cg.kill_all();
+        } else {
+            cg.release_survivors();
+        }
+    }
     drop(script);
 
     let status = status.expect("the loop ends only after the child was reaped");
@@ -568,6 +597,8 @@ fn group_list(name: &CStr, gid: libc::gid_t) -> io::Result<Vec<libc::gid_t>> {
 
 /// What the child does between `fork` and `exec`.
 struct ChildSetup {
+    /// `cgroup.procs` of the command's cgroup, to join first.
+    cgroup_fd: Option<libc::c_int>,
     creds: Option<Creds>,
     cwd: Option<CString>,
 }
@@ -588,6 +619,9 @@ impl ChildSetup {
             // The agent itself runs with umask 077; commands get the usual one.
             libc::umask(0o022);
             check(libc::setsid())?;
+            if let Some(fd) = self.cgroup_fd {
+                crate::cgroup::join_in_child(fd)?;
+            }
             if let Some(c) = &self.creds {
                 check(libc::setgroups(c.groups.len() as _, c.groups.as_ptr()))?;
                 check(libc::setgid(c.gid))?;
@@ -601,18 +635,39 @@ impl ChildSetup {
     }
 }
 
-/// Kills the process group on drop while armed: a cancelled `run` leaves nothing
-/// behind.
+/// The command's process group and, where available, its cgroup. Kills both on drop
+/// while armed: a cancelled `run` leaves nothing behind.
 #[derive(Debug)]
 struct GroupGuard {
     pgid: libc::pid_t,
+    cgroup: Option<crate::cgroup::Cgroup>,
     armed: bool,
+}
+
+impl GroupGuard {
+    /// Signals the process group and every member of the cgroup. SIGKILL goes to the
+    /// cgroup frozen, so nothing in it can fork away meanwhile.
+    fn signal(&self, signal: libc::c_int) {
+        signal_group(self.pgid, signal);
+        if let Some(cg) = &self.cgroup {
+            if signal == libc::SIGKILL {
+                cg.kill_all();
+            } else {
+                cg.signal_all(signal);
+            }
+        }
+    }
+
+    /// Nothing the command started is alive any more.
+    fn is_gone(&self) -> bool {
+        group_is_gone(self.pgid) && self.cgroup.as_ref().is_none_or(|c| c.is_empty())
+    }
 }
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         if self.armed {
-            signal_group(self.pgid, libc::SIGKILL);
+            self.signal(libc::SIGKILL);
         }
     }
 }
@@ -700,12 +755,15 @@ struct Capture {
 }
 
 impl Capture {
-    fn push(&mut self, data: &[u8]) {
+    /// Keeps what fits under the cap and returns it (the part to stream).
+    fn push<'a>(&mut self, data: &'a [u8]) -> &'a [u8] {
         let room = MAX_CAPTURE - self.buf.len();
         if data.len() > room {
             self.truncated = true;
         }
-        self.buf.extend_from_slice(&data[..data.len().min(room)]);
+        let kept = &data[..data.len().min(room)];
+        self.buf.extend_from_slice(kept);
+        kept
     }
 }
 
@@ -829,13 +887,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn capture_is_capped_but_streaming_sees_everything() {
+    async fn capture_and_streaming_are_capped_alike() {
         let spec = ExecSpec::shell("head -c 3145728 /dev/zero; head -c 10 /dev/zero >&2");
         let (r, seen_out, seen_err) = run_collect(&spec).await;
         assert_eq!(r.exit_code, Some(0));
         assert_eq!(r.stdout.len(), MAX_CAPTURE);
         assert!(r.stdout_truncated);
-        assert_eq!(seen_out.len(), 3 << 20);
+        assert_eq!(
+            seen_out.len(),
+            MAX_CAPTURE,
+            "nothing past the cap is streamed"
+        );
         assert_eq!(r.stderr.len(), 10);
         assert_eq!(seen_err.len(), 10);
         assert!(!r.stderr_truncated);
@@ -899,6 +961,32 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(is_dead(pid), "grandchild {pid} survived the timeout");
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_a_descendant_that_left_the_session() {
+        // `setsid` puts the loop in a session (and process group) of its own, out of
+        // reach of killpg; it also ignores SIGTERM, so only the cgroup's SIGKILL ends it.
+        let mut spec = ExecSpec::shell(
+            "setsid sh -c 'trap \"\" TERM; while :; do sleep 1; done' & echo $!; sleep 300",
+        );
+        spec.timeout_ms = Some(300);
+        let (r, seen_out, _) = run_collect(&spec).await;
+        assert!(r.timed_out);
+        let pid: i32 = text(&seen_out).trim().parse().unwrap();
+        let until = StdInstant::now() + Duration::from_secs(3);
+        while !is_dead(pid) && StdInstant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let survived = !is_dead(pid);
+        if survived {
+            // SAFETY: plain kill of the test's own stray process.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        assert!(
+            !survived,
+            "the setsid descendant {pid} survived the timeout"
+        );
     }
 
     #[tokio::test]

@@ -107,7 +107,10 @@ pub fn check_modes(spec: &FetchSpec) -> Result<(), String> {
 }
 
 /// Fetches per `spec`. The result's stdout lists `md5  path` per file, like md5sum,
-/// then one line `received N bytes in M ms`.
+/// then one line `received N bytes in M ms`, and, when a download limit applies, one
+/// line `limited C bytes by the copy's download limit and A by the agent's` (the bytes
+/// charged to each limiter; C is counted on the swarm path only, A is the agent-wide
+/// limiter's count over this run, which includes concurrent copies).
 pub async fn run(
     spec: &FetchSpec,
     ctx: &FetchCtx,
@@ -134,6 +137,8 @@ pub async fn run(
     }
     // Mode and owner are applied by the writers on the open files before the rename
     // into place, never afterwards by path (a path can be swapped for a link).
+    let agent_charged = ctx.node_down.charged();
+    let mut copy_charged = 0;
     let (files, received) = match &spec.pool {
         Some(pf) => {
             let (pf, spec2, ctx2) = (pf.clone(), spec.clone(), ctx.clone());
@@ -144,7 +149,11 @@ pub async fn run(
             .await
             .map_err(|e| format!("the download thread failed: {e}"))??
         }
-        None => swarm_fetch(spec, ctx, dest, owner, progress).await?,
+        None => {
+            let (files, received, charged) = swarm_fetch(spec, ctx, dest, owner, progress).await?;
+            copy_charged = charged;
+            (files, received)
+        }
     };
     let mut stdout = String::new();
     for (path, md5) in &files {
@@ -154,6 +163,12 @@ pub async fn run(
         "received {received} bytes in {} ms\n",
         started.elapsed().as_millis()
     ));
+    if spec.limit_down.is_some() || ctx.node_down.rate().is_some() {
+        stdout.push_str(&format!(
+            "limited {copy_charged} bytes by the copy's download limit and {} by the agent's\n",
+            ctx.node_down.charged() - agent_charged
+        ));
+    }
     Ok(success(stdout, started))
 }
 
@@ -209,6 +224,11 @@ fn success(stdout: String, started: Instant) -> ExecResult {
     }
 }
 
+/// How long a swarm fetch may make no progress before it fails as stalled. The
+/// engine keeps asking its tracker for peers meanwhile, so a seeder that comes back
+/// (a CLI that outlived a center restart) is found again within it.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// The swarm path: the transfer engine writes into `dest`, then every file is copied
 /// into the cache.
 async fn swarm_fetch(
@@ -217,7 +237,7 @@ async fn swarm_fetch(
     dest: PathBuf,
     owner: Option<(u32, u32)>,
     progress: OnProgress,
-) -> Result<(Vec<(PathBuf, String)>, u64), String> {
+) -> Result<(Vec<(PathBuf, String)>, u64, u64), String> {
     let ticket = Ticket::decode(&spec.ticket).map_err(|e| format!("reading the ticket: {e}"))?;
     let cfg = NodeConfig {
         listen: "0.0.0.0:0".parse().expect("valid"),
@@ -239,6 +259,7 @@ async fn swarm_fetch(
         .await
         .map_err(|e| format!("starting the transfer: {e}"))?;
     let mut watch = h.progress();
+    let mut stall_watch = h.progress();
     let reporter = tokio::spawn(async move {
         loop {
             let p = watch.borrow_and_update().clone();
@@ -252,7 +273,29 @@ async fn swarm_fetch(
             }
         }
     });
-    let out = h.completed().await;
+    // A swarm whose peers all went away (the CLI seeding it died with its center)
+    // would otherwise sit at "running" until cancelled.
+    let stalled = async move {
+        let mut last = stall_watch.borrow_and_update().have_bytes;
+        let mut since = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = stall_watch.borrow_and_update().have_bytes;
+            if now != last {
+                (last, since) = (now, Instant::now());
+            } else if since.elapsed() >= STALL_TIMEOUT {
+                return last;
+            }
+        }
+    };
+    let out = tokio::select! {
+        o = h.completed() => o,
+        have = stalled => Err(format!(
+            "stalled: no progress for {} s at {have} of {} bytes (no peer sends what is missing)",
+            STALL_TIMEOUT.as_secs(),
+            h.manifest().total_size()
+        )),
+    };
     reporter.abort();
     let out = match out {
         Ok(o) => o,
@@ -280,7 +323,7 @@ async fn swarm_fetch(
         tokio::time::sleep(linger).await;
         h.shutdown().await;
     });
-    Ok((files, out.received_bytes))
+    Ok((files, out.received_bytes, out.limited_down_bytes))
 }
 
 /// Copies a verified file into the cache (a copy, not a link: the destination is the
@@ -514,6 +557,7 @@ fn download(
     // (see ARCHITECTURE.md), and what arrives is checked against size and MD5.
     let url = format!("https://{center}/api/v1/files/{}?{}", pf.md5, pf.query);
     let ca = ureq::tls::Certificate::from_der(&ctx.ca).to_owned();
+    // Redirects are followed by hand, to know which pool member a download came from.
     let http: ureq::Agent = ureq::Agent::config_builder()
         .tls_config(
             ureq::tls::TlsConfig::builder()
@@ -525,13 +569,68 @@ fn download(
         .http_status_as_error(false)
         .timeout_connect(Some(Duration::from_secs(10)))
         .timeout_recv_body(Some(Duration::from_secs(60)))
-        .max_redirects(4)
+        .max_redirects(0)
         .build()
         .into();
-    let mut resp = http
-        .get(&url)
-        .call()
-        .map_err(|e| format!("downloading {}: {e}", pf.md5))?;
+    // A member whose copy does not verify (or that cannot be reached) is reported to
+    // the center, which takes it out of the rotation for this MD5 and sends us
+    // elsewhere: to another member or to its own copy.
+    let mut failed: Vec<String> = Vec::new();
+    loop {
+        let ask = if failed.is_empty() {
+            url.clone()
+        } else {
+            format!("{url}&failed={}", failed.join(","))
+        };
+        let resp = http
+            .get(&ask)
+            .call()
+            .map_err(|e| format!("downloading {}: {e}", pf.md5))?;
+        if !resp.status().is_redirection() {
+            return receive(rt, resp, pf, spec, ctx, out, to, progress);
+        }
+        let location = resp
+            .headers()
+            .get("location")
+            .and_then(|l| l.to_str().ok())
+            .ok_or_else(|| format!("the center's redirect for {} has no location", pf.md5))?
+            .to_string();
+        let member = location
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let res = http
+            .get(&location)
+            .call()
+            .map_err(|e| format!("downloading {} from {member}: {e}", pf.md5))
+            .and_then(|r| receive(rt, r, pf, spec, ctx, out, to, progress));
+        match res {
+            Ok(()) => return Ok(()),
+            Err(e) if failed.len() < 4 && !failed.contains(&member) => {
+                tracing::warn!(%member, "{e}; asking the center for another copy");
+                failed.push(member);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads one answer's body into `out` (the private staging file `to`, emptied first, so
+/// a retry from another member starts clean), charged to the limits and checked
+/// against the size and MD5.
+#[allow(clippy::too_many_arguments)]
+fn receive(
+    rt: &tokio::runtime::Handle,
+    mut resp: ureq::http::Response<ureq::Body>,
+    pf: &PoolFile,
+    spec: &FetchSpec,
+    ctx: &FetchCtx,
+    out: &mut std::fs::File,
+    to: &Path,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<(), String> {
     if !resp.status().is_success() {
         let why = resp.body_mut().read_to_string().unwrap_or_default();
         return Err(format!(
@@ -543,6 +642,12 @@ fn download(
     }
     let limits = LimitSet::new([Limiter::new(spec.limit_down), ctx.node_down.clone()]);
     let mut reader = resp.into_body().into_reader();
+    {
+        use std::io::Seek;
+        out.set_len(0)
+            .and_then(|_| out.rewind())
+            .map_err(|e| format!("emptying {}: {e}", to.display()))?;
+    }
     let mut h = Md5::new();
     let mut got = 0u64;
     let mut buf = vec![0u8; 64 << 10];

@@ -1,5 +1,6 @@
 //! Octopus agent: the daemon on every host (see ARCHITECTURE.md).
 pub mod cache;
+mod cgroup;
 pub mod daemon;
 pub mod exec;
 pub mod fetch;

@@ -945,17 +945,25 @@ fn may_see_output(caller: &Caller, rec: &TaskRecord) -> bool {
     !seed || caller.scope == Scope::Admin || caller.token_id == rec.created_by
 }
 
+#[derive(Debug, Deserialize)]
+struct ShowQuery {
+    /// `false`: leave each host's stdout and stderr out (the CLI's summary needs only
+    /// states, and a task on many hosts has megabytes of output a host).
+    output: Option<bool>,
+}
+
 async fn show_task(
     caller: Caller,
     State(inner): State<Shared>,
     Path(id): Path<u64>,
+    Query(q): Query<ShowQuery>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Scope::Read)?;
     let rec = inner
         .store
         .get_task(id)?
         .ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
-    let with_output = may_see_output(&caller, &rec);
+    let with_output = may_see_output(&caller, &rec) && q.output.unwrap_or(true);
     Ok(Json(task_json(&inner, rec, with_output)?))
 }
 
@@ -1109,10 +1117,18 @@ async fn list_files(caller: Caller, State(inner): State<Shared>) -> Result<Json<
 /// `GET /api/v1/files/{md5}`: a URL the center signed (agents, `curl -L`) or a token
 /// with the operator scope; audited either way. Redirects to the least-loaded pool member holding the
 /// content, or serves the center's own copy.
+/// `failed=ADDR[,ADDR]`: pool members whose copy of this content the caller could
+/// not verify (see [`crate::content::Content::distrust`]).
+#[derive(Debug, Deserialize)]
+struct FailedMembers {
+    failed: Option<String>,
+}
+
 async fn get_file(
     State(inner): State<Shared>,
     Path(md5): Path<String>,
     Query(q): Query<octopus_agent::pool::Signed>,
+    Query(bad): Query<FailedMembers>,
     req: Request,
 ) -> Response {
     let (mut parts, _) = req.into_parts();
@@ -1128,6 +1144,12 @@ async fn get_file(
     };
     if let Err(e) = authorised {
         return e.into_response();
+    }
+    // Only a caller entitled to the content may report a bad copy of it.
+    for addr in bad.failed.as_deref().unwrap_or("").split(',').take(16) {
+        if let Some(host) = inner.content.distrust(&md5, addr.trim()) {
+            tracing::warn!(%md5, %host, "a pool member's copy failed verification; it leaves the rotation");
+        }
     }
     match inner.content.pick(&md5) {
         crate::content::PoolChoice::Member(host, addr) => {

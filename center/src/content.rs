@@ -58,6 +58,9 @@ struct PoolState {
     served: HashMap<String, u64>,
     /// Requests per content, for the hot list.
     asks: HashMap<String, u64>,
+    /// (host, md5) pairs whose copy an agent found not to verify: never redirected to
+    /// again, whatever the host's holdings say (until the center restarts).
+    distrusted: HashSet<(String, String)>,
 }
 
 pub(crate) struct Content {
@@ -362,8 +365,31 @@ impl Content {
         p.members
             .insert(host.to_string(), SocketAddr::new(ip, port));
         for m in md5s {
+            if p.distrusted.contains(&(host.to_string(), m.clone())) {
+                continue;
+            }
             p.holders.entry(m).or_default().insert(host.to_string());
         }
+    }
+
+    /// An agent downloaded `md5` from the member at `addr` and the bytes did not
+    /// verify: that member leaves the rotation for `md5`. Returns its name, if `addr`
+    /// is a member.
+    pub fn distrust(&self, md5: &str, addr: &str) -> Option<String> {
+        let mut p = self.pool.lock().unwrap();
+        let host = p
+            .members
+            .iter()
+            .find(|(_, a)| a.to_string() == addr)
+            .map(|(h, _)| h.clone())?;
+        p.distrusted.insert((host.clone(), md5.to_string()));
+        if let Some(hs) = p.holders.get_mut(md5) {
+            hs.remove(&host);
+            if hs.is_empty() {
+                p.holders.remove(md5);
+            }
+        }
+        Some(host)
     }
 
     /// `host` went offline: no more redirects to it.

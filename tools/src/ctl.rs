@@ -158,6 +158,9 @@ pub struct Client {
     http: ureq::Agent,
     /// The pinned CA (None for plain HTTP).
     pin: Option<crate::pin::Pinned>,
+    /// How long a GET keeps retrying while the center cannot be reached (a restart),
+    /// counted from the first failure; zero: no retry.
+    retry_for: Duration,
 }
 
 fn config_file() -> Option<PathBuf> {
@@ -174,6 +177,10 @@ fn from_config(key: &str) -> Option<String> {
         (k.trim() == key).then(|| v.trim().to_string())
     })
 }
+
+/// Cap on one reply of the center read into memory. A task shown with its output
+/// holds up to 1 MiB per host and stream; beyond that, ask without it.
+const MAX_REPLY: u64 = 256 << 20;
 
 impl Client {
     pub fn new(c: &Conn) -> Result<Client> {
@@ -222,6 +229,7 @@ impl Client {
             token,
             http: ureq::Agent::new_with_defaults(),
             pin,
+            retry_for: Duration::ZERO,
         };
         let http = c
             .agent_config()
@@ -238,6 +246,13 @@ impl Client {
             Some(p) => b.tls_config(crate::pin::tls_config(&p.ca_der)),
             None => b,
         }
+    }
+
+    /// GETs retry for up to `d` while the center is unreachable: a command following
+    /// a task (and seeding it) must outlive a center restart, within the task's TTL.
+    pub fn retrying(mut self, d: Duration) -> Client {
+        self.retry_for = d;
+        self
     }
 
     fn url(&self, path: &str) -> String {
@@ -265,6 +280,8 @@ impl Client {
         let status = resp.status();
         let body: Value = resp
             .body_mut()
+            .with_config()
+            .limit(MAX_REPLY)
             .read_json()
             .with_context(|| format!("reading the center's answer to {what}"))?;
         if !status.is_success() {
@@ -275,12 +292,37 @@ impl Client {
     }
 
     pub fn get(&self, what: &str, path: &str) -> Result<Value> {
-        let r = self
-            .http
-            .get(self.url(path))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .call();
-        self.finish(what, r)
+        let mut deadline = None;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let r = self
+                .http
+                .get(self.url(path))
+                .header("Authorization", format!("Bearer {}", self.token))
+                .call();
+            // Only a center that could not be reached is retried; an answer is final.
+            let unreachable = matches!(
+                &r,
+                Err(ureq::Error::Io(_)
+                    | ureq::Error::ConnectionFailed
+                    | ureq::Error::HostNotFound
+                    | ureq::Error::Timeout(_))
+            );
+            if !unreachable || self.retry_for.is_zero() {
+                return self.finish(what, r);
+            }
+            let until = *deadline.get_or_insert_with(|| Instant::now() + self.retry_for);
+            if Instant::now() >= until {
+                return self.finish(what, r);
+            }
+            if backoff == Duration::from_millis(200) {
+                eprintln!("octo: the center at {} is unreachable; retrying", self.base);
+            }
+            // Jittered exponential backoff, capped at 5 s.
+            let jitter = Duration::from_millis(rand::random::<u64>() % 200);
+            std::thread::sleep((backoff + jitter).min(until - Instant::now()));
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
     }
 
     /// Streams `reader` as the body of a PUT (no overall timeout: uploads are big).
@@ -522,7 +564,7 @@ pub fn exec(conn: &Conn, a: ExecArgs) -> Result<bool> {
         }
         return Ok(true);
     }
-    follow(&c, id, a.json)
+    follow(&c.retrying(a.ttl), id, a.json)
 }
 
 /// Prints a task's events until it is finished (or only offline hosts remain), then
@@ -558,14 +600,48 @@ fn follow_inner(
     bar: Option<&indicatif::ProgressBar>,
 ) -> Result<bool> {
     let mut after = 0u64;
-    let mut partial: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut lines = crate::lines::Splicer::default();
+    let mut print = |stream: crate::lines::Stream, line: String| match stream {
+        crate::lines::Stream::Stdout => println!("{line}"),
+        crate::lines::Stream::Stderr => eprintln!("{line}"),
+    };
     let mut offline: BTreeMap<String, bool> = BTreeMap::new();
     loop {
         let v = c.get(
             "following the task",
             &format!("/tasks/{id}/events?after={after}&wait=10"),
         )?;
+        let next = v["next"].as_u64().unwrap_or(after);
+        if next < after {
+            // The center restarted and its event log with it: start over, and say
+            // that what happened meanwhile is lost.
+            after = 0;
+            if json_out {
+                println!("{}", json!({"event": "gap", "dropped": null}));
+            } else {
+                eprintln!("octo: the center restarted; output it received before is lost");
+                lines.gap(&mut print);
+            }
+            continue;
+        }
+        let mut expected = after;
         for e in v["events"].as_array().into_iter().flatten() {
+            // The center keeps only a task's most recent events: a jump in the
+            // sequence means output was dropped before we read it.
+            let seq = e["seq"].as_u64().unwrap_or(expected);
+            if seq > expected {
+                let dropped = seq - expected;
+                if json_out {
+                    println!("{}", json!({"event": "gap", "dropped": dropped}));
+                } else {
+                    eprintln!(
+                        "octo: the center dropped {dropped} events of this task's output (it keeps only the most recent); text next to the gap is marked {}",
+                        crate::lines::CUT
+                    );
+                    lines.gap(&mut print);
+                }
+            }
+            expected = expected.max(seq + 1);
             let host = e["host"].as_str().unwrap_or("").to_string();
             let kind = e["kind"].as_str().unwrap_or("").to_string();
             let data = e["data"].as_str().unwrap_or("");
@@ -592,17 +668,12 @@ fn follow_inner(
                 continue;
             }
             // Print whole lines prefixed by the host, like `pssh -i`.
-            let buf = partial.entry((host.clone(), kind.clone())).or_default();
-            buf.push_str(data);
-            while let Some(nl) = buf.find('\n') {
-                let line: String = buf.drain(..=nl).collect();
-                let line = line.trim_end_matches('\n');
-                if kind == "stderr" {
-                    eprintln!("{host}: {line}");
-                } else {
-                    println!("{host}: {line}");
-                }
-            }
+            let stream = if kind == "stderr" {
+                crate::lines::Stream::Stderr
+            } else {
+                crate::lines::Stream::Stdout
+            };
+            lines.push(&host, stream, data, &mut print);
         }
         after = v["next"].as_u64().unwrap_or(after);
         let pending = v["pending"].as_u64().unwrap_or(0) as usize;
@@ -613,27 +684,49 @@ fn follow_inner(
             break;
         }
     }
-    for ((host, kind), rest) in partial {
-        if !rest.is_empty() && !json_out {
-            if kind == "stderr" {
-                eprintln!("{host}: {rest}");
-            } else {
-                println!("{host}: {rest}");
-            }
-        }
-    }
-    summary(c, id, json_out)
+    // The human summary needs no output (it was printed live), and with it a task on
+    // a few hosts already outgrows the reply cap; `--json` keeps it for scripts.
+    let t = if json_out {
+        c.get("reading the task", &format!("/tasks/{id}"))?
+    } else {
+        c.get("reading the task", &format!("/tasks/{id}?output=false"))?
+    };
+    // A stream cut at the cap ends in the middle of a line: say so on that line.
+    let cut = |host: &str, stream: crate::lines::Stream| {
+        let flag = match stream {
+            crate::lines::Stream::Stdout => "stdout_truncated",
+            crate::lines::Stream::Stderr => "stderr_truncated",
+        };
+        t["hosts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|h| h["host"] == host && h[flag].as_bool() == Some(true))
+    };
+    lines.finish(&mut print, cut);
+    summary(&t, id, json_out)
 }
 
-fn summary(c: &Client, id: u64, json_out: bool) -> Result<bool> {
-    let t = c.get("reading the task", &format!("/tasks/{id}"))?;
+fn summary(t: &Value, id: u64, json_out: bool) -> Result<bool> {
     let mut ok = 0;
     let mut failed = Vec::new();
     let mut timed_out = Vec::new();
     let mut offline = Vec::new();
     let mut other = Vec::new();
+    let mut truncated = Vec::new();
     for h in t["hosts"].as_array().into_iter().flatten() {
         let name = h["host"].as_str().unwrap_or("").to_string();
+        let cut: Vec<&str> = [
+            ("stdout", "stdout_truncated"),
+            ("stderr", "stderr_truncated"),
+        ]
+        .into_iter()
+        .filter(|(_, flag)| h[*flag].as_bool() == Some(true))
+        .map(|(stream, _)| stream)
+        .collect();
+        if !cut.is_empty() {
+            truncated.push((name.clone(), cut.join(" and ")));
+        }
         match h["state"].as_str().unwrap_or("") {
             "ok" => ok += 1,
             "failed" | "lost" => {
@@ -659,9 +752,17 @@ fn summary(c: &Client, id: u64, json_out: bool) -> Result<bool> {
         println!(
             "{}",
             json!({"event": "summary", "id": id, "ok": ok, "failed": failed.len(),
-                   "timed_out": timed_out.len(), "offline": offline.len(), "task": t})
+                   "timed_out": timed_out.len(), "offline": offline.len(),
+                   "truncated": truncated.iter().map(|(h, _)| h).collect::<Vec<_>>(), "task": t})
         );
     } else {
+        // Before the counts, so "3 ok" never reads as "all the output is here".
+        for (h, streams) in &truncated {
+            eprintln!(
+                "{h}: output truncated at {} MiB ({streams}); the rest was not kept",
+                octopus_agent::exec::MAX_CAPTURE >> 20
+            );
+        }
         eprintln!(
             "task {id}: {ok} ok, {} failed, {} timed out, {} offline",
             failed.len(),
@@ -1299,9 +1400,12 @@ pub async fn cp(conn: Conn, a: CpArgs) -> Result<bool> {
     body["size"] = json!(total);
     let async_ = a.async_;
     let cli_seeds = seed.is_some();
+    let ttl = a.ttl;
     let res = tokio::task::spawn_blocking(move || -> Result<bool> {
         let c = Client::new(&conn)?;
         let created = c.post("creating the copy task", "/tasks", &body)?;
+        // From here on a center restart is waited out (we keep seeding meanwhile).
+        let c = c.retrying(ttl);
         let id = created["id"]
             .as_u64()
             .context("the center gave no task id")?;

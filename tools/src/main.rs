@@ -20,6 +20,7 @@ use serde_json::json;
 
 mod ctl;
 mod demo;
+mod lines;
 mod load;
 mod managed_bench;
 mod pin;
@@ -433,7 +434,8 @@ async fn share(
     if json {
         println!(
             "{}",
-            json!({"event": "stopped", "sent_bytes": p.sent_bytes, "peers": p.peers})
+            json!({"event": "stopped", "sent_bytes": p.sent_bytes, "peers": p.peers,
+                   "limited_up_bytes": p.limited_up_bytes})
         );
     } else {
         eprintln!("stopped after uploading {} bytes", p.sent_bytes);
@@ -490,6 +492,7 @@ async fn get(
         println!(
             "{}",
             json!({"event": "done", "bytes": out.received_bytes, "total_bytes": h.manifest().total_size(),
+                   "limited_down_bytes": out.limited_down_bytes,
                    "resumed_bytes": p.resumed_bytes, "corrupt_pieces": p.corrupt_pieces,
                    "banned_peers": p.banned_peers, "elapsed_ms": elapsed.as_millis() as u64, "files": files})
         );

@@ -144,6 +144,10 @@ pub struct Progress {
     pub banned_peers: usize,
     /// Bytes already verified on disk when this run started (resume).
     pub resumed_bytes: u64,
+    /// Bytes charged to this transfer's own `limit_up` / `limit_down` limiter (0 when
+    /// unlimited): proof that its traffic went through the limit.
+    pub limited_up_bytes: u64,
+    pub limited_down_bytes: u64,
 }
 
 /// What a finished `get` produced.
@@ -151,6 +155,8 @@ pub struct Progress {
 pub struct GetOutcome {
     pub files: Vec<(PathBuf, Md5Sum)>,
     pub received_bytes: u64,
+    /// Bytes charged to the transfer's `limit_down` limiter (see [`Progress`]).
+    pub limited_down_bytes: u64,
     pub elapsed: Duration,
 }
 
@@ -458,6 +464,9 @@ struct Shared {
     store: Store,
     up: LimitSet,
     down: LimitSet,
+    /// This transfer's own limiters (also in `up` / `down`), for their counters.
+    own_up: Limiter,
+    own_down: Limiter,
     received: AtomicU64,
     sent: AtomicU64,
     banned: Mutex<HashSet<Fingerprint>>,
@@ -533,12 +542,15 @@ fn start(
     let now = Instant::now();
     let swarm = Swarm::new(scfg, n, have, now);
     let complete_at_start = swarm.is_complete();
+    let (own_up, own_down) = (Limiter::new(cfg.limit_up), Limiter::new(cfg.limit_down));
     let sh = Arc::new(Shared {
         content: ticket.content,
         pieces,
         store,
-        up: LimitSet::new([cfg.node_up.clone(), Limiter::new(cfg.limit_up)]),
-        down: LimitSet::new([cfg.node_down.clone(), Limiter::new(cfg.limit_down)]),
+        up: LimitSet::new([cfg.node_up.clone(), own_up.clone()]),
+        down: LimitSet::new([cfg.node_down.clone(), own_down.clone()]),
+        own_up,
+        own_down,
         received: AtomicU64::new(0),
         sent: AtomicU64::new(0),
         banned: Mutex::new(HashSet::new()),
@@ -835,6 +847,7 @@ impl Driver {
                         Ok(GetOutcome {
                             files,
                             received_bytes: self.sh.received.load(Ordering::Relaxed),
+                            limited_down_bytes: self.sh.own_down.charged(),
                             elapsed,
                         })
                     }
@@ -1157,6 +1170,8 @@ impl Driver {
                 sent_bytes: sent,
                 peers,
                 corrupt_pieces: st.corrupt_pieces_received,
+                limited_up_bytes: self.sh.own_up.charged(),
+                limited_down_bytes: self.sh.own_down.charged(),
                 ..p.clone()
             };
             if *p != new {
