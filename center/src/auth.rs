@@ -136,10 +136,18 @@ pub fn with_ca_fingerprint(text: &str, fp_hex: &str) -> String {
 }
 
 /// Splits a token's text into its id and its secret bytes. A `.<CA fingerprint>`
-/// suffix (as `token create` prints and `admin.token` holds) is ignored, and the old
-/// form without it is accepted.
+/// suffix (64 hex digits, as `token create` prints and `admin.token` holds) is
+/// ignored, and the old form without it is accepted.
 pub fn parse_token(text: &str) -> Result<(String, [u8; SECRET_BYTES]), AuthError> {
-    let text = text.split_once('.').map_or(text, |(t, _)| t);
+    let text = match text.split_once('.') {
+        Some((t, fp)) if fp.len() == 64 && fp.bytes().all(|b| b.is_ascii_hexdigit()) => t,
+        Some(_) => {
+            return Err(AuthError::Malformed(
+                "what follows the '.' is not a CA fingerprint (64 hex digits)",
+            ))
+        }
+        None => text,
+    };
     let rest = text
         .strip_prefix(TOKEN_PREFIX)
         .ok_or(AuthError::Malformed("it does not start with octo_"))?;

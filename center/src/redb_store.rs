@@ -186,6 +186,7 @@ delegate! {
     w fn put_host(&self, host: &HostRecord) -> Result<(), StoreError>;
     r fn get_host(&self, name: &str) -> Result<Option<HostRecord>, StoreError>;
     r fn list_hosts(&self) -> Result<Vec<HostRecord>, StoreError>;
+    w fn remove_host(&self, name: &str) -> Result<bool, StoreError>;
     w fn set_online(&self, name: &str, online: bool, now: u64) -> Result<bool, StoreError>;
     w fn update_heartbeat(&self, name: &str, now: u64, resources: Vec<u8>, addrs: Vec<String>) -> Result<bool, StoreError>;
     w fn mark_all_offline(&self, now: u64) -> Result<usize, StoreError>;

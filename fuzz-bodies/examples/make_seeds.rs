@@ -80,6 +80,7 @@ fn main() {
         uses: 0,
         revoked: false,
         note: "seed".into(),
+        limits: Default::default(),
     };
     let host = HostRecord {
         name: "h1".into(),

@@ -970,6 +970,7 @@ mod tests {
             Finish {
                 mode: Some(0o600),
                 owner: None,
+                strip_special: false,
             },
         )
         .unwrap();
