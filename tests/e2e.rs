@@ -13,11 +13,11 @@ use octopus_transfer::ticket::Ticket;
 mod control;
 mod fleet;
 mod multi;
+mod sec_auth;
 mod sec_caps;
 mod sec_fs;
-mod sec_tls;
-mod sec_auth;
 mod sec_run;
+mod sec_tls;
 
 const T: Duration = Duration::from_secs(60);
 

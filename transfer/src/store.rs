@@ -854,7 +854,11 @@ impl PartialStore {
         }
         // Directory modes last, deepest first, so a read-only directory does not block
         // its own children; set on the open directories.
-        let dir_mask = if self.finish.strip_special { 0o777 } else { 0o7777 };
+        let dir_mask = if self.finish.strip_special {
+            0o777
+        } else {
+            0o7777
+        };
         for (fd, d, mode) in dirs.iter().rev() {
             safefs::apply_mode_owner(fd, *mode & dir_mask, owner)
                 .map_err(io_err("setting mode of", d))?;
