@@ -1,8 +1,7 @@
 //! The center under hostile or huge input (issue 9): unauthenticated floods, a full
 //! disk, big tasks, status codes, echoed targets, metrics, and live output memory.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -56,30 +55,44 @@ fn fill(path: &Path) {
 
 const ENOSPC: i32 = 28;
 
-/// A raw request whose body may be huge: the server may answer and close before it
-/// is all sent, so a failed write is not an error. Returns the status and body.
-fn send_big(api: &str, method: &str, path: &str, token: &str, body: &[u8]) -> (u16, String) {
-    let addr = api.trim_start_matches("http://");
-    let mut s = TcpStream::connect(addr).unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    // Read while writing: the answer may come (and the server close) mid-body.
-    let mut w = s.try_clone().unwrap();
-    let body = body.to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = w.write_all(&body);
+/// A request whose body may be huge, sent by real curl over the center's HTTPS (curl
+/// stops sending when the server answers before reading it all). Returns the status
+/// and body.
+fn send_big(
+    api: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (req, resp) = (tmp.path().join("req"), tmp.path().join("resp"));
+    std::fs::write(&req, body).unwrap();
+    let ca = crate::fleet::ca_of(api).expect("a center started through the fleet fixture");
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "--cacert"])
+        .arg(&ca)
+        .args(["-X", method, "-H", "Content-Type: application/json"])
+        .arg("--data-binary")
+        .arg(format!("@{}", req.display()))
+        .arg("-o")
+        .arg(&resp)
+        .args(["-w", "%{http_code}"])
+        .arg(format!("{api}{path}"));
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    let out = cmd
+        .output()
+        .expect("running curl (Debian's curl package, which .ci/run installs)");
+    let code = String::from_utf8_lossy(&out.stdout);
+    let status = code.trim().parse().unwrap_or_else(|_| {
+        panic!(
+            "no response to {method} {path}: {code:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
     });
-    let mut resp = Vec::new();
-    let _ = s.read_to_end(&mut resp);
-    let _ = writer.join();
-    let resp = String::from_utf8_lossy(&resp).into_owned();
-    assert!(resp.len() > 12, "no response to {method} {path}: {resp:?}");
-    let status = resp[9..12].parse().unwrap();
-    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
+    (status, std::fs::read_to_string(&resp).unwrap_or_default())
 }
 
 /// A GET answered with JSON (arrays included, which `fleet::http` does not parse).
@@ -177,20 +190,10 @@ fn http_raw_quiet(
     token: Option<&str>,
     body: &str,
 ) -> (u16, String) {
-    match token {
-        Some(t) => send_big(api, method, path, t, body.as_bytes()),
-        None => {
-            let addr = api.trim_start_matches("http://");
-            let mut s = TcpStream::connect(addr).unwrap();
-            let _ = write!(
-                s,
-                "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let mut resp = String::new();
-            let _ = s.read_to_string(&mut resp);
-            (resp[9..12].parse().unwrap(), String::new())
-        }
+    if body.len() < 64 << 10 {
+        crate::fleet::http_raw(api, method, path, token, body)
+    } else {
+        send_big(api, method, path, token, body.as_bytes())
     }
 }
 
@@ -210,7 +213,7 @@ fn below_the_disk_reserve_writes_get_507_reads_work_and_freeing_space_recovers()
     fill(&filler);
     // Writes are refused with 507, uploads too; reads still answer.
     assert_eq!(new_token(&api, &admin, "while full"), 507);
-    let (status, body) = send_big(&api, "PUT", "/api/v1/files", &admin, b"some bytes");
+    let (status, body) = send_big(&api, "PUT", "/api/v1/files", Some(&admin), b"some bytes");
     assert_eq!(status, 507, "{body}");
     let (status, tokens) = get_json(&api, "/api/v1/tokens", &admin);
     assert_eq!(status, 200, "{tokens}");
@@ -219,7 +222,7 @@ fn below_the_disk_reserve_writes_get_507_reads_work_and_freeing_space_recovers()
     // Space comes back: writes work again, without a restart.
     std::fs::remove_file(&filler).unwrap();
     assert_eq!(new_token(&api, &admin, "after"), 201);
-    let (status, _) = send_big(&api, "PUT", "/api/v1/files", &admin, b"some bytes");
+    let (status, _) = send_big(&api, "PUT", "/api/v1/files", Some(&admin), b"some bytes");
     assert_eq!(status, 201);
     // And a restart works.
     c.kill9();
@@ -259,7 +262,13 @@ fn a_disk_filled_to_the_last_byte_answers_507_and_the_center_recovers_without_a_
     assert_eq!(new_token(&api, &admin, "before"), 201);
     let filler = data.join("filler");
     fill(&filler);
-    let (status, body) = send_big(&api, "PUT", "/api/v1/files", &admin, &vec![1u8; 1 << 20]);
+    let (status, body) = send_big(
+        &api,
+        "PUT",
+        "/api/v1/files",
+        Some(&admin),
+        &vec![1u8; 1 << 20],
+    );
     assert_eq!(status, 507, "a disk-full upload: {body}");
     // Tokens with big notes until the store must grow and cannot.
     let note = "n".repeat(60_000);
@@ -306,7 +315,7 @@ fn oversized_bodies_commands_and_targets_get_413_and_errors_do_not_echo_them() {
     let mut big = br#"{"target":"all","command":""#.to_vec();
     big.extend(std::iter::repeat_n(b'a', 20 << 20));
     big.extend(br#""}"#);
-    let (status, body) = send_big(&api, "POST", "/api/v1/tasks", &admin, &big);
+    let (status, body) = send_big(&api, "POST", "/api/v1/tasks", Some(&admin), &big);
     assert_eq!(status, 413, "{body}");
     drop(big);
     // A command over its cap, a target over its cap.
@@ -470,10 +479,12 @@ fn metrics_count_tasks_and_results_and_pass_promtool() {
 
 #[test]
 fn live_output_past_the_per_task_cap_is_cut_and_flagged() {
-    let f = Fleet::start(1);
-    // 6 MB of output: more than the center keeps per task for followers.
-    let t = serde_json::json!({"target": "host-1",
-        "command": "head -c 6000000 /dev/zero | tr '\\0' a; echo"})
+    // The agent streams at most 1 MiB per stream (its own cap), so three hosts each
+    // printing 1 MiB to stdout and to stderr send the center 6 MiB for one task: more
+    // than it keeps per task for followers.
+    let f = Fleet::start(3);
+    let t = serde_json::json!({"target": "all",
+        "command": "head -c 1048576 /dev/zero | tr '\\0' a; head -c 1048576 /dev/zero | tr '\\0' b >&2"})
     .to_string();
     let (status, v) = http(&f.api, "POST", "/api/v1/tasks", Some(&f.admin), &t);
     assert_eq!(status, 201, "{v}");

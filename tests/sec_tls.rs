@@ -36,7 +36,10 @@ fn curl_drives_the_https_api_with_the_ca_pem_and_fails_without_it() {
     assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&ca).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o644, "ca.pem is public, and only the certificate");
+    assert_eq!(
+        mode, 0o600,
+        "ca.pem is private like the whole data directory, and only the certificate"
+    );
     assert!(!pem.contains("PRIVATE"), "ca.pem must not hold a key");
     assert!(f.api.starts_with("https://"), "{}", f.api);
 

@@ -246,9 +246,12 @@ async fn run_in(dir: &Path, size: u64, n: usize, json_out: bool) -> Result<()> {
     let per_host: Vec<(String, String)> =
         tokio::task::spawn_blocking(move || -> Result<Vec<(String, String)>> {
             let c = Client::new(&c4)?;
+            // Listings carry no per-host results: show each task (a copy's output is its MD5s).
             let v: Value = c.get("listing tasks", "/tasks?limit=100")?;
             let mut out = Vec::new();
             for t in v.as_array().into_iter().flatten() {
+                let id = t["id"].as_u64().context("a task without an id")?;
+                let t: Value = c.get("showing the copy", &format!("/tasks/{id}"))?;
                 for h in t["hosts"].as_array().into_iter().flatten() {
                     let md5 = h["md5"][0].as_str().unwrap_or("").to_string();
                     out.push((h["host"].as_str().unwrap_or("").to_string(), md5));
