@@ -55,6 +55,17 @@ pub(crate) fn record_ca(api: &str, ca: &Path) {
         .insert(api.trim_end_matches('/').to_string(), ca.to_path_buf());
 }
 
+/// `octo agents --json` against a center, as a list.
+pub(crate) fn agents_json(api: &str, token: &str) -> Vec<Value> {
+    let (code, out, err) = run_octo(api, token, &["agents", "--json"]);
+    assert_eq!(code, 0, "octo agents: {err}");
+    serde_json::from_str::<Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
 pub(crate) fn run_octo(api: &str, token: &str, args: &[&str]) -> (i32, String, String) {
     let mut cmd = Command::new(bin());
     cmd.args(args)
@@ -140,13 +151,7 @@ impl Fleet {
     }
 
     pub(crate) fn agents_json(&self) -> Vec<Value> {
-        let (code, out, err) = self.octo(&["agents", "--json"]);
-        assert_eq!(code, 0, "octo agents: {err}");
-        serde_json::from_str::<Value>(&out)
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .clone()
+        agents_json(&self.api, &self.admin)
     }
 
     pub(crate) fn online(&self, name: &str) -> bool {

@@ -40,15 +40,7 @@ fn center(dir: &Path, name: &str, registry: &str) -> (Octo, String) {
     (c, api)
 }
 
-fn agents(api: &str, token: &str) -> Vec<Value> {
-    let (code, out, err) = run_octo(api, token, &["agents", "--json"]);
-    assert_eq!(code, 0, "octo agents: {err}");
-    serde_json::from_str::<Value>(&out)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
+use crate::fleet::agents_json as agents;
 
 /// Two centers on one ZooKeeper ensemble: tokens and the inventory agree, an agent
 /// connected to center A runs a task created through center B, and when A is killed
